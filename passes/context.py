@@ -1,0 +1,60 @@
+"""What every pass gets: the config, the real graph inputs, a place for new inputs, the report."""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from qcompile.config import QuantConfig
+from qcompile.report import GraphReport
+
+
+class WeightStore:
+    """Quantized weights the backend made from float parameters, kept while the parameters live.
+
+    Dynamo recompiles a model for new shapes (prefill, then decode); each compile finds the
+    weights it quantized before instead of quantizing (and holding) them again. An entry is
+    rebuilt when a parameter is modified in place (its version counter moves).
+    """
+
+    def __init__(self):
+        self._entries: dict = {}
+
+    def get(self, params: tuple[torch.nn.Parameter, ...], extra_key, make):
+        ids = tuple(id(p) for p in params)
+        key = (ids, tuple(p._version for p in params), extra_key)
+        if key not in self._entries:
+            for stale in [k for k in self._entries if k[0] == ids and k[2] == extra_key]:
+                del self._entries[stale]
+            self._entries[key] = make()
+            for p in params:
+                weakref.finalize(p, self._entries.pop, key, None)
+        return self._entries[key]
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+STORE = WeightStore()
+
+
+@dataclass
+class PassContext:
+    config: QuantConfig
+    device: torch.device
+    values: dict                      # placeholder node -> the real tensor Dynamo passed
+    report: GraphReport
+    fuse_projections: bool = True
+    store: WeightStore = STORE
+    new_inputs: list[torch.Tensor] = field(default_factory=list)
+
+    def add_input(self, graph: fx.Graph, name: str, tensor: torch.Tensor) -> fx.Node:
+        """A new graph input (appended after the existing ones) that will be fed `tensor`."""
+        last = [n for n in graph.nodes if n.op == "placeholder"][-1]
+        with graph.inserting_after(last):
+            node = graph.placeholder(name)
+        self.values[node] = tensor
+        self.new_inputs.append(tensor)
+        return node

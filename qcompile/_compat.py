@@ -1,0 +1,84 @@
+"""The torch internals qcompile leans on, each wrapped once (they move between releases).
+
+Checked on torch 2.11 (the GPU image) and 2.13 (CPU).
+"""
+from __future__ import annotations
+
+import functools
+import weakref
+
+import torch
+
+
+def source_name(source) -> str:
+    """A Dynamo Source's expression: `.name` is a method before torch 2.12, a property after."""
+    name = source.name
+    return name() if callable(name) else name
+
+
+def compile_with_inductor(gm, example_inputs, config_patches: dict):
+    """AOTAutograd + Inductor on a Dynamo graph (takes ownership of `gm`)."""
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, example_inputs, config_patches=config_patches)
+
+
+def mode_options(mode: str | None) -> dict:
+    """Inductor config for a torch.compile `mode` ("reduce-overhead" -> cudagraphs, ...)."""
+    if mode in (None, "default"):
+        return {}
+    return dict(torch._inductor.list_mode_options(mode))
+
+
+# --- HF generate() on a torch.compile'd module --------------------------------------------------
+# torch.compile(model) returns an OptimizedModule; `compiled.generate(...)` resolves to the original
+# module's method, which calls the *uncompiled* module: the compiled forward is never used. For
+# modules compiled with a qcompile backend we route those calls through the compiled forward for
+# the duration of the call, the way nn.Module.compile() does (`_compiled_call_impl`).
+_ROUTED_METHODS = ("generate",)
+_routed_calls: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _is_qcompile_backend(obj) -> bool:
+    for _ in range(8):
+        if obj is None:
+            return False
+        if getattr(obj, "_qcompile_backend", False):
+            return True
+        obj = (getattr(obj, "_torchdynamo_orig_backend", None) or getattr(obj, "compiler_fn", None)
+               or getattr(obj, "_torchdynamo_orig_callable", None))
+    return False
+
+
+def _route(opt_mod, method):
+    @functools.wraps(method)
+    def call(*args, **kwargs):
+        mod = opt_mod._orig_mod
+        compiled = _routed_calls.get(opt_mod)
+        if compiled is None:
+            compiled = _routed_calls[opt_mod] = opt_mod.dynamo_ctx(mod._call_impl)
+        previous = mod._compiled_call_impl
+        mod._compiled_call_impl = compiled
+        try:
+            return method(*args, **kwargs)
+        finally:
+            mod._compiled_call_impl = previous
+
+    return call
+
+
+def route_generate_through_compiled_forward() -> None:
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    if getattr(OptimizedModule, "_qcompile_routes_generate", False):
+        return
+    original = OptimizedModule.__getattr__
+
+    def __getattr__(self, name):
+        value = original(self, name)
+        if name in _ROUTED_METHODS and callable(value) and _is_qcompile_backend(getattr(self.dynamo_ctx, "callback", None)):
+            return _route(self, value)
+        return value
+
+    OptimizedModule.__getattr__ = __getattr__
+    OptimizedModule._qcompile_routes_generate = True

@@ -1,0 +1,93 @@
+"""The torch.compile backend: Dynamo graph -> qcompile passes -> Inductor."""
+from __future__ import annotations
+
+import itertools
+import os
+
+import torch
+
+from . import _compat
+from .config import QuantConfig, default_config
+from .report import GraphReport, PassRecord, dump
+
+_graph_counter = itertools.count()
+
+
+def _device_of(example_inputs) -> torch.device:
+    for t in example_inputs:
+        if isinstance(t, torch.nn.Parameter):
+            return t.device
+    for t in example_inputs:
+        if isinstance(t, torch.Tensor):
+            return t.device
+    return torch.device("cpu")
+
+
+class Backend:
+    """A torch.compile backend that quantizes linear layers, then hands the graph to Inductor.
+
+    Use the module itself (``backend=qcompile``) for the default recipe, or
+    ``backend=qcompile.backend(config)`` for another. ``mode=``/``options=`` of torch.compile are
+    passed on to Inductor.
+    """
+
+    _qcompile_backend = True  # lets qcompile recognise its own compiled modules
+
+    def __init__(self, config: QuantConfig | None = None, *, fuse_projections: bool = True,
+                 inductor: bool = True, reports: list | None = None):
+        self.config = config or default_config()
+        self.config.validate()
+        self.fuse_projections = fuse_projections
+        self.inductor = inductor
+        self.reports = reports  # GraphReports are appended here when given (explain)
+        self.__name__ = "qcompile"
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs, **kwargs):
+        from qcompile.passes import PASSES, PassContext
+        from qcompile.passes.analysis import placeholder_values
+
+        mode, options = kwargs.pop("mode", None), kwargs.pop("options", None) or {}
+        if kwargs:
+            raise TypeError(f"qcompile backend got unexpected torch.compile arguments {sorted(kwargs)}")
+        device = _device_of(example_inputs)
+        report = GraphReport(index=next(_graph_counter), device=str(device))
+        ctx = PassContext(self.config, device, placeholder_values(gm.graph, example_inputs), report,
+                          fuse_projections=self.fuse_projections)
+        for name, run_pass in PASSES:
+            before = gm.code
+            summary = run_pass(gm, ctx)
+            report.passes.append(PassRecord(name, summary, before, gm.code))
+        if self.reports is not None:
+            self.reports.append(report)
+        if debug_dir := os.environ.get("QCOMPILE_DEBUG_DIR"):
+            dump(report, self.config.to_dict(), debug_dir)
+
+        extra = ctx.new_inputs
+        if not self.inductor:
+            return (lambda *args: gm(*args, *extra)) if extra else gm.forward
+        patches = {**_compat.mode_options(mode), **options}
+        compiled = _compat.compile_with_inductor(gm, list(example_inputs) + extra, patches)
+        return _append_inputs(compiled, extra)
+
+
+def _append_inputs(compiled, extra: list):
+    """Feed the quantized weights the passes added as graph inputs on every call."""
+    if not extra:
+        return compiled
+    if getattr(compiled, "_boxed_call", False):
+        def run(args):
+            return compiled(list(args) + extra)
+        run._boxed_call = True
+    else:
+        def run(*args):
+            return compiled(*args, *extra)
+    return run
+
+
+def backend(config: QuantConfig | None = None, **options) -> Backend:
+    """A torch.compile backend for `config`: ``torch.compile(model, backend=qcompile.backend(cfg))``."""
+    return Backend(config, **options)
+
+
+DEFAULT = Backend()
+entry_point = DEFAULT  # torch_dynamo_backends entry point: backend="qcompile"

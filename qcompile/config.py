@@ -1,0 +1,140 @@
+"""Configuration objects: one dataclass per quantization method, separate from the kernels.
+
+A config says *what* to do to a model (bits, groups, which layers); the formats and kernels
+that serve it live in `qcompile.formats` and `qcompile.lowering`.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import asdict, dataclass
+
+import torch
+
+# Group sizes every int4 kernel (CPU and Triton) serves.
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Settings shared by every method.
+
+    Attributes:
+        lm_head: quantize the output projection (``lm_head``) too. It is the largest single matrix
+            of a small model, so it matters for speed and size.
+        lm_head_bits: 8 (default: per-channel int8, the layer most sensitive to quantization, as
+            llama.cpp's mixes also keep it wider) or 4 (the method's own int4 grid). A tied input
+            embedding then reads the same int8 table.
+        skip: fnmatch patterns of module paths (``"model.layers.0.*"``) that stay in float.
+        min_features: linears with fewer input or output features stay in float (too small to gain).
+        scale_dtype: storage dtype of scales and zero-points.
+    """
+
+    lm_head: bool = True
+    lm_head_bits: int = 8
+    skip: tuple[str, ...] = ()
+    min_features: int = 32
+    scale_dtype: torch.dtype = torch.bfloat16
+
+    method = "base"
+
+    def validate(self) -> None:
+        if self.lm_head_bits not in (4, 8):
+            raise ValueError(f"{type(self).__name__}(lm_head_bits={self.lm_head_bits}): use 4 or 8")
+        if self.scale_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise ValueError(
+                f"{type(self).__name__}.scale_dtype={self.scale_dtype} is not supported: "
+                "use torch.bfloat16, torch.float16 or torch.float32"
+            )
+
+    def skip_reason(self, path: str) -> str | None:
+        """Why the linear at module path `path` stays in float, or None if the config wants it quantized."""
+        if not self.lm_head and is_output_head(path):
+            return "lm_head=False in the config"
+        for pattern in self.skip:
+            if fnmatch.fnmatchcase(path, pattern):
+                return f"matches skip pattern {pattern!r}"
+        return None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["method"] = self.method
+        d["scale_dtype"] = str(self.scale_dtype).removeprefix("torch.")
+        d["skip"] = list(self.skip)
+        return d
+
+    @staticmethod
+    def from_dict(d: dict) -> "QuantConfig":
+        d = dict(d)
+        cls = CONFIGS[d.pop("method")]
+        d["scale_dtype"] = getattr(torch, d["scale_dtype"])
+        d["skip"] = tuple(d.get("skip", ()))
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class RTNConfig(QuantConfig):
+    """Data-free weight-only quantization (round to nearest on a fitted grid).
+
+    Attributes:
+        bits: weight bits (4).
+        group_size: input channels per scale/zero-point: 32, 64, 128, 256, or None for one group per
+            output channel. When it does not divide a layer's input features, the largest supported
+            size that does is used and the report says so.
+        sym: symmetric grid (zero-point fixed at the middle code) instead of asymmetric.
+        search: how the grid of each group is fitted, all data-free:
+            ``"minmax"`` classic round-to-nearest: [min, max] widened to hold 0, integer zero-point;
+            ``"hqq"`` (default) refines scale and zero-point by half-quadratic splitting on an
+            Lp error, p = 0.7 (see `qcompile.methods.rtn`): better accuracy at no runtime cost.
+        norm_weighting: weight each input channel's error by the squared gain of the norm that
+            feeds the layer (read from the graph; data-free). Layers fed by no norm are unweighted.
+    """
+
+    bits: int = 4
+    group_size: int | None = 64
+    sym: bool = False
+    search: str = "hqq"
+    norm_weighting: bool = True
+
+    method = "rtn"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.bits != 4:
+            raise ValueError(
+                f"RTNConfig(bits={self.bits}) is not supported: the int4 kernels serve bits=4 only "
+                "(2/3/8-bit weights come with GPTQConfig)"
+            )
+        if self.group_size is not None and self.group_size not in INT4_GROUP_SIZES:
+            raise ValueError(
+                f"RTNConfig(group_size={self.group_size}) is not supported: use one of "
+                f"{INT4_GROUP_SIZES} or None (per output channel)"
+            )
+        if self.search not in ("minmax", "hqq"):
+            raise ValueError(f"RTNConfig(search={self.search!r}): use 'minmax' or 'hqq'")
+
+
+CONFIGS: dict[str, type[QuantConfig]] = {"rtn": RTNConfig}
+
+
+def default_config() -> QuantConfig:
+    """The recipe used when no config is given: data-free int4 in groups of 64 with a fitted,
+    norm-weighted grid, and an int8 lm_head."""
+    return RTNConfig()
+
+
+def is_output_head(path: str) -> bool:
+    """Whether a module path names a language model's output projection."""
+    return path.rsplit(".", 1)[-1] in ("lm_head", "embed_out")
+
+
+def choose_group_size(requested: int | None, in_features: int) -> tuple[int | None, str | None]:
+    """(group size to use, note) for a layer: the requested size, or the largest supported one that
+    divides in_features (None if none does). Per channel (None) uses one group of in_features."""
+    if requested is None:
+        return in_features, None
+    if in_features % requested == 0:
+        return requested, None
+    for g in sorted(INT4_GROUP_SIZES, reverse=True):
+        if g < requested and in_features % g == 0:
+            return g, f"group_size {requested} does not divide in_features {in_features}: used {g}"
+    return None, None

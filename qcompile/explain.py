@@ -1,0 +1,48 @@
+"""`qcompile.explain`: run the passes on a model's graphs and report what they did, and why."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .backend import Backend
+from .config import QuantConfig
+from .modules import QuantLinear
+from .report import Report
+
+
+@torch.no_grad()
+def explain(model_or_fn, *example_inputs, config: QuantConfig | None = None,
+            fuse_projections: bool = True, **example_kwargs) -> Report:
+    """Trace `model_or_fn(*example_inputs, **example_kwargs)` with Dynamo, run qcompile's passes on
+    every graph, and return the report: per linear layer its module path, the op chosen (None:
+    stays float) and the reason; per graph the code before and after each pass.
+
+    Nothing is compiled by Inductor; `model_or_fn` itself is not changed (weights a float model
+    would get are quantized into the backend's cache, which a later compile reuses).
+    """
+    reports: list = []
+    backend = Backend(config, fuse_projections=fuse_projections, inductor=False, reports=reports)
+    compiled = torch.compile(model_or_fn, backend=backend)
+    compiled(*example_inputs, **example_kwargs)
+    report = Report(config=backend.config.to_dict(), graphs=reports)
+    if isinstance(model_or_fn, nn.Module):
+        _describe_prequantized(report, model_or_fn)
+    return report
+
+
+def _describe_prequantized(report: Report, model: nn.Module) -> None:
+    """Fill in the format of layers that arrived already quantized, from their modules."""
+    modules = {p: m for p, m in model.named_modules() if isinstance(m, QuantLinear)}
+    prev = getattr(model, "qcompile_report", None)
+    reasons = {x.path: x for x in prev.linears} if isinstance(prev, Report) else {}
+    for graph in report.graphs:
+        for lin in graph.linears:
+            mod = modules.get(lin.path)
+            if mod is None or lin.op is None:
+                continue
+            meta = mod.format_meta
+            g = meta.get("group_size")
+            lin.reason = f"quantized ahead of time: {meta['format']}" + (f" g{g}" if g else " per channel")
+            if lin.path in reasons:
+                lin.reason = f"quantized ahead of time: {reasons[lin.path].reason}"
+                lin.notes = list(reasons[lin.path].notes)

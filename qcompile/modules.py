@@ -1,0 +1,80 @@
+"""Modules that replace float layers once a model is quantized ahead of compilation.
+
+`QuantLinear` holds a weight in its kernel's layout as buffers (so `torch.compile` sees them as
+ordinary graph inputs, `.to()` moves them and `state_dict` lists them) and calls the layout's op.
+`QuantEmbedding` reads the int8 table of a tied lm_head, so a tied model keeps one table.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from . import lowering
+from .ops import LAYOUT_OPS, PackedLinear
+
+
+class QuantLinear(nn.Module):
+    """A linear layer whose weight is quantized; ``forward(x) = op(x, *packed) + bias``."""
+
+    def __init__(self, packed: PackedLinear, bias: Tensor | None = None):
+        super().__init__()
+        self.in_features = packed.in_features
+        self.out_features = packed.out_features
+        self._set_packed(packed)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    def _set_packed(self, packed: PackedLinear) -> None:
+        for name in getattr(self, "_tensor_names", ()):
+            delattr(self, name)
+        self.layout, self.consts, self.format_meta = packed.layout, packed.consts, packed.meta
+        self._tensor_names = tuple(packed.tensors)
+        for name, t in packed.tensors.items():
+            self.register_buffer(name, t)
+
+    def packed_weight(self) -> PackedLinear:
+        return PackedLinear(self.layout, {n: getattr(self, n) for n in self._tensor_names}, self.consts,
+                            self.in_features, self.out_features, self.format_meta)
+
+    @property
+    def layout_op(self):
+        return LAYOUT_OPS[self.layout]
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.layout_op(x, *(getattr(self, n) for n in self._tensor_names), *self.consts)
+        return y if self.bias is None else y + self.bias
+
+    def _apply(self, fn, recurse=True):
+        # Moving to another device re-packs for that device's kernel; dtype casts (model.half())
+        # leave the packed weight alone: its dtypes belong to the kernel, not to the model.
+        current = getattr(self, self._tensor_names[0]).device
+        target = fn(torch.empty(0, device=current)).device
+        if target != current:
+            self._set_packed(lowering.pack(lowering.unpack(self.packed_weight()), target))
+        if self.bias is not None:
+            self.bias = nn.Parameter(fn(self.bias.data), requires_grad=False)
+        return self
+
+    def extra_repr(self) -> str:
+        g = self.format_meta.get("group_size")
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"format={self.format_meta['format']}, group_size={g}, layout={self.layout}, bias={self.bias is not None}")
+
+
+class QuantEmbedding(nn.Module):
+    """An embedding that reads rows of an int8 lm_head's table (weights tied in the float model)."""
+
+    def __init__(self, lm_head: QuantLinear, dtype: torch.dtype, padding_idx: int | None = None):
+        super().__init__()
+        if lm_head.layout != "int8":
+            raise ValueError("QuantEmbedding shares an int8 lm_head's table only")
+        self.num_embeddings, self.embedding_dim = lm_head.out_features, lm_head.in_features
+        self.padding_idx = padding_idx
+        self.dtype = dtype
+        self.lm_head = [lm_head]  # a list: not a submodule, so the table is not registered twice
+
+    def forward(self, ids: Tensor) -> Tensor:
+        head = self.lm_head[0]
+        return torch.ops.qcompile.int8_embedding(ids, head.qweight, head.scales, self.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 table shared with the lm_head"

@@ -1,0 +1,130 @@
+"""`qcompile.quantize`: convert a model's linear layers in place, before compiling."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import lowering
+from .config import QuantConfig, default_config, is_output_head
+from .methods import plan_linear, quantize_linear
+from .modules import QuantEmbedding, QuantLinear
+from .report import GraphReport, LinearReport, Report
+
+
+def _conv1d_type():
+    try:
+        from transformers.pytorch_utils import Conv1D
+        return Conv1D
+    except ImportError:
+        return None
+
+
+def linear_modules(model: nn.Module) -> list[tuple[str, nn.Module, torch.Tensor]]:
+    """(path, module, weight [out, in]) for every nn.Linear and Hugging Face Conv1D of `model`."""
+    conv1d = _conv1d_type()
+    found = []
+    for path, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            found.append((path, mod, mod.weight))
+        elif conv1d is not None and isinstance(mod, conv1d):
+            found.append((path, mod, mod.weight.t()))  # Conv1D stores [in, out]
+    return found
+
+
+@torch.no_grad()
+def norm_gains(model: nn.Module, example_inputs=None) -> dict[str, torch.Tensor]:
+    """Data-free channel importance: for each linear fed directly by a norm module, that norm's
+    squared gain (found by running `example_inputs`, or the model's dummy inputs, once)."""
+    if example_inputs is None:
+        example_inputs = getattr(model, "dummy_inputs", None)
+        if example_inputs is None:
+            return {}
+    outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(norm output) -> (output, gain)
+    gains: dict[str, torch.Tensor] = {}
+    hooks = []
+    for path, mod in model.named_modules():
+        w = getattr(mod, "weight", None)
+        is_norm = isinstance(w, torch.Tensor) and w.dim() == 1 and not isinstance(mod, nn.Embedding)
+        if is_norm:
+            hooks.append(mod.register_forward_hook(lambda m, i, o: outputs.__setitem__(id(o), (o, m.weight))))
+    for path, mod, _ in linear_modules(model):
+        def pre(m, args, path=path):
+            x = args[0] if args else None
+            if isinstance(x, torch.Tensor):
+                for t in (x, x._base):  # the norm's output itself, or a slice of it (lm_head)
+                    hit = outputs.get(id(t)) if t is not None else None
+                    if hit is not None and hit[0] is t and hit[1].shape[0] == x.shape[-1]:
+                        gains[path] = hit[1].detach().float().square()
+                        break
+        hooks.append(mod.register_forward_pre_hook(pre))
+    try:
+        device = next(model.parameters()).device
+        if isinstance(example_inputs, dict):
+            model(**{k: v.to(device) for k, v in example_inputs.items()})
+        else:
+            model(*[v.to(device) if isinstance(v, torch.Tensor) else v for v in example_inputs])
+    finally:
+        for h in hooks:
+            h.remove()
+    return gains
+
+
+def _set_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, new)
+
+
+@torch.no_grad()
+def quantize(model: nn.Module, config: QuantConfig | None = None, *, example_inputs=None,
+             progress: bool = True) -> nn.Module:
+    """Quantize `model`'s linear layers in place and free the float weights they replace.
+
+    Args:
+        model: a float model (Hugging Face or any nn.Module with nn.Linear / Conv1D layers).
+        config: a method config (`qcompile.RTNConfig`, ...); None takes the default recipe.
+        example_inputs: inputs for one forward pass (a tuple, or a dict of keyword arguments)
+            used to find which norm feeds which layer; Hugging Face models supply their own.
+        progress: show a progress bar.
+
+    Returns the same model; ``model.qcompile_report`` holds the per-layer report.
+    Interrupting (Ctrl-C) leaves the layers done so far quantized and the rest in float.
+    """
+    config = config or default_config()
+    config.validate()
+    gains = norm_gains(model, example_inputs) if getattr(config, "norm_weighting", False) else {}
+    report = GraphReport(index=0, device="")
+    input_emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    layers = linear_modules(model)
+    for path, mod, weight in tqdm(layers, desc="quantize", disable=not progress):
+        device = weight.device
+        report.device = str(device)
+        plan = plan_linear(config, path, weight, device)
+        float_bytes = 2 * weight.numel()
+        if not plan.quantized:
+            report.linears.append(LinearReport(path, plan.in_features, plan.out_features, None, plan.reason,
+                                               plan.notes, float_bytes))
+            continue
+        importance = gains.get(path)
+        if importance is not None:
+            plan.notes.append("error weighted by its input norm's gain")
+        packed = lowering.pack(quantize_linear(config, plan, weight, importance), device)
+        qlinear = QuantLinear(packed, mod.bias)
+        tied = input_emb is not None and getattr(input_emb, "weight", None) is mod.weight
+        _set_module(model, path, qlinear)
+        if tied and is_output_head(path) and packed.layout == "int8":
+            _set_module(model, _path_of(model, input_emb),
+                        QuantEmbedding(qlinear, input_emb.weight.dtype, getattr(input_emb, "padding_idx", None)))
+            plan.notes.append("tied input embedding reads the same int8 table")
+        elif tied:
+            plan.notes.append("tied input embedding keeps its float table")
+        report.linears.append(LinearReport(path, plan.in_features, plan.out_features, str(packed.op.name()),
+                                           plan.reason, plan.notes, float_bytes, packed.nbytes))
+    if hasattr(model, "config") and hasattr(model.config, "tie_word_embeddings"):
+        model.config.tie_word_embeddings = False  # the float tie is gone; stop HF from re-tying
+    model.qcompile_report = Report(config=config.to_dict(), graphs=[report])
+    return model
+
+
+def _path_of(model: nn.Module, target: nn.Module) -> str:
+    return next(p for p, m in model.named_modules() if m is target)

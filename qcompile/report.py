@@ -1,0 +1,106 @@
+"""The inspection report: what the compiler did to each layer, and why; the graph around each pass."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class LinearReport:
+    """One linear layer: the op it now runs (None: stays float) and the reason."""
+
+    path: str
+    in_features: int
+    out_features: int
+    op: str | None
+    reason: str
+    notes: list[str] = field(default_factory=list)
+    float_bytes: int = 0
+    quant_bytes: int | None = None
+
+
+@dataclass
+class PassRecord:
+    name: str
+    summary: str
+    before: str
+    after: str
+
+
+@dataclass
+class GraphReport:
+    """One graph Dynamo handed to the backend."""
+
+    index: int
+    device: str
+    linears: list[LinearReport] = field(default_factory=list)
+    passes: list[PassRecord] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Report:
+    """Everything qcompile decided for a model or function (see `qcompile.explain`)."""
+
+    config: dict
+    graphs: list[GraphReport] = field(default_factory=list)
+
+    @property
+    def linears(self) -> list[LinearReport]:
+        """Each layer once (a layer seen in several graphs, e.g. prefill and decode, is listed once)."""
+        seen: dict[str, LinearReport] = {}
+        for g in self.graphs:
+            for lin in g.linears:
+                seen.setdefault(lin.path, lin)
+        return list(seen.values())
+
+    def to_dict(self) -> dict:
+        return {"config": self.config, "graphs": [asdict(g) for g in self.graphs],
+                "summary": self.summary()}
+
+    def summary(self) -> dict:
+        lins = self.linears
+        q = [x for x in lins if x.op]
+        fb = sum(x.float_bytes for x in q)
+        qb = sum(x.quant_bytes or 0 for x in q)
+        return {"linears": len(lins), "quantized": len(q), "float": len(lins) - len(q),
+                "float_bytes_of_quantized": fb, "quant_bytes": qb,
+                "ratio": round(qb / fb, 4) if fb else None, "graphs": len(self.graphs)}
+
+    def __str__(self) -> str:
+        lines = [f"qcompile report  config={self.config.get('method', '?')} "
+                 + " ".join(f"{k}={v}" for k, v in self.config.items() if k != "method")]
+        s = self.summary()
+        lines.append(f"{s['quantized']}/{s['linears']} linears quantized across {s['graphs']} graph(s); "
+                     + (f"their weights {s['float_bytes_of_quantized'] / 2**20:.1f} MiB -> "
+                        f"{s['quant_bytes'] / 2**20:.1f} MiB ({s['ratio']:.3f}x)" if s['ratio'] else "no weights changed"))
+        width = max([len(x.path) for x in self.linears] + [6])
+        lines.append(f"{'layer':<{width}}  {'shape':>11}  {'op':<24}  reason")
+        for x in self.linears:
+            shape = f"{x.out_features}x{x.in_features}"
+            op = (x.op or "- (float)").replace("qcompile::", "")
+            note = f"  [{'; '.join(x.notes)}]" if x.notes else ""
+            lines.append(f"{x.path:<{width}}  {shape:>11}  {op:<24}  {x.reason}{note}")
+        for g in self.graphs:
+            lines.append(f"graph {g.index} ({g.device}): " + "; ".join(f"{p.name}: {p.summary}" for p in g.passes)
+                         + ("" if not g.notes else "  notes: " + "; ".join(g.notes)))
+        lines.append("(report.graphs[i].passes[j].before / .after hold each graph's code)")
+        return "\n".join(lines)
+
+
+def dump(report: GraphReport, config: dict, directory: str | os.PathLike) -> Path:
+    """Write one graph's report (JSON, text, and each pass's graph before/after) under `directory`."""
+    root = Path(directory)
+    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-graph{report.index}"
+    out = root / stamp
+    out.mkdir(parents=True, exist_ok=True)
+    single = Report(config=config, graphs=[report])
+    (out / "report.json").write_text(json.dumps(single.to_dict(), indent=1))
+    (out / "report.txt").write_text(str(single) + "\n")
+    for i, p in enumerate(report.passes):
+        (out / f"{i}-{p.name}.before.py").write_text(p.before)
+        (out / f"{i}-{p.name}.after.py").write_text(p.after)
+    return out

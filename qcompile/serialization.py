@@ -1,0 +1,200 @@
+"""Save and load quantized models: safetensors for tensors, JSON for what they mean.
+
+A checkpoint is a directory with
+  model.safetensors   every tensor of the model; quantized layers in their canonical format
+                      (`qcompile.formats`), so a file written on CPU loads on GPU and back;
+  qcompile.json       format version, the quantization config, per-layer format, tied tables,
+                      and the SHA-256 of model.safetensors (checked on load).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from . import lowering
+from .formats import FORMATS
+from .modules import QuantEmbedding, QuantLinear
+from .quantize import _path_of, _set_module, linear_modules
+
+TENSORS_FILE = "model.safetensors"
+META_FILE = "qcompile.json"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded into this model (missing, corrupted or mismatched)."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save(model: nn.Module, path: str | Path) -> Path:
+    """Write `model` (quantized by `qcompile.quantize` or `load`) to directory `path`."""
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    layers: dict[str, dict] = {}
+    tied: dict[str, str] = {}
+    quantized_prefixes = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantLinear):
+            canonical = lowering.unpack(mod.packed_weight())
+            for tname, t in canonical.tensors().items():
+                tensors[f"{name}.{tname}"] = t.detach().cpu().contiguous()
+            if mod.bias is not None:
+                tensors[f"{name}.bias"] = mod.bias.detach().cpu().contiguous()
+            layers[name] = canonical.meta() | {"bias": mod.bias is not None}
+            quantized_prefixes.append(name + ".")
+        elif isinstance(mod, QuantEmbedding):
+            tied[name] = _path_of(model, mod.lm_head[0])
+    if not layers:
+        raise ValueError("model has no quantized layers: call qcompile.quantize(model) first")
+    seen: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
+        if name.startswith(tuple(quantized_prefixes)):
+            continue
+        key = (t.data_ptr(), t.dtype, tuple(t.shape))
+        if t.device.type != "meta" and key in seen:
+            aliases[name] = seen[key]  # a tied tensor: stored once
+            continue
+        seen[key] = name
+        tensors[name] = t.detach().cpu().contiguous()
+    save_file(tensors, str(out / TENSORS_FILE))
+    meta = {
+        "format": "qcompile", "version": FORMAT_VERSION,
+        "config": getattr(getattr(model, "qcompile_report", None), "config", None),
+        "layers": layers, "tied_embeddings": tied, "aliases": aliases,
+        "sha256": _sha256(out / TENSORS_FILE),
+    }
+    (out / META_FILE).write_text(json.dumps(meta, indent=1))
+    return out
+
+
+def _read_meta(path: Path) -> dict:
+    meta_path = path / META_FILE
+    if not meta_path.is_file():
+        raise CheckpointError(f"{meta_path} not found: is {path} a checkpoint written by qcompile.save?")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{meta_path} is not valid JSON ({e}): the checkpoint is corrupted") from None
+    if meta.get("format") != "qcompile" or meta.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"{meta_path}: unsupported checkpoint format {meta.get('format')!r} "
+                              f"version {meta.get('version')!r} (this qcompile reads version {FORMAT_VERSION})")
+    return meta
+
+
+@torch.no_grad()
+def load(model: nn.Module, path: str | Path, *, device: torch.device | str | None = None,
+         verify: bool = True) -> nn.Module:
+    """Load a checkpoint written by `save` into `model` (float, or built on the meta device), in place.
+
+    Linear layers named in the checkpoint become `QuantLinear`s (no re-quantization); every other
+    tensor is replaced by the checkpoint's. `device` defaults to the model's (CPU for a meta model).
+    Raises `CheckpointError` for a missing, corrupted or mismatched checkpoint.
+    """
+    path = Path(path)
+    meta = _read_meta(path)
+    tensor_path = path / TENSORS_FILE
+    if not tensor_path.is_file():
+        raise CheckpointError(f"{tensor_path} not found")
+    if verify and _sha256(tensor_path) != meta.get("sha256"):
+        raise CheckpointError(f"{tensor_path} does not match the SHA-256 recorded in {META_FILE}: "
+                              "the file is corrupted or was replaced")
+    if device is None:
+        first = next(iter(model.parameters()), None)
+        device = first.device if first is not None and first.device.type != "meta" else torch.device("cpu")
+    device = torch.device(device)
+    try:
+        f = safe_open(str(tensor_path), framework="pt", device="cpu")
+        keys = set(f.keys())
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{tensor_path} cannot be read as safetensors ({e}): the file is corrupted") from None
+
+    loaded: dict[str, torch.Tensor] = {}
+
+    def get(name: str) -> torch.Tensor:
+        if name not in keys:
+            raise CheckpointError(f"{tensor_path} lacks tensor {name!r} listed in {META_FILE}")
+        if name not in loaded:  # aliases (tied tensors) share one tensor
+            loaded[name] = f.get_tensor(name)
+        return loaded[name]
+
+    linears = {p: (m, w) for p, m, w in linear_modules(model)}
+    linears.update({p: (m, None) for p, m in model.named_modules() if isinstance(m, QuantLinear)})
+    used = set()
+    for lpath, lmeta in meta["layers"].items():
+        if lpath not in linears:
+            raise CheckpointError(f"checkpoint layer {lpath!r} has no linear layer at that path in "
+                                  f"{type(model).__name__}: the checkpoint is for another architecture")
+        mod, _ = linears[lpath]
+        n, k = lmeta["out_features"], lmeta["in_features"]
+        have = (mod.out_features, mod.in_features) if hasattr(mod, "out_features") else tuple(reversed(mod.weight.shape))
+        if tuple(have) != (n, k):
+            raise CheckpointError(f"layer {lpath}: checkpoint is {n}x{k} (out x in), model has {have[0]}x{have[1]}")
+        fmt = FORMATS[lmeta["format"]]
+        names = ["qweight", "scales", "zeros"] if lmeta["format"] == "int4" else ["qweight", "scales"]
+        fields = {t: get(f"{lpath}.{t}") for t in names}
+        used.update(f"{lpath}.{t}" for t in names)
+        if lmeta["format"] == "int4":
+            fields["group_size"] = lmeta["group_size"]
+        try:
+            canonical = fmt(**fields)
+        except ValueError as e:
+            raise CheckpointError(f"layer {lpath}: {e}") from None
+        bias = get(f"{lpath}.bias") if lmeta["bias"] else None
+        if bias is not None:
+            used.add(f"{lpath}.bias")
+            bias = bias.to(device)
+        _set_module(model, lpath, QuantLinear(lowering.pack(canonical, device), bias))
+
+    for emb_path, head_path in meta.get("tied_embeddings", {}).items():
+        emb = model.get_submodule(emb_path)
+        head = model.get_submodule(head_path)
+        dtype = emb.dtype if isinstance(emb, QuantEmbedding) else emb.weight.dtype
+        _set_module(model, emb_path, QuantEmbedding(head, dtype, getattr(emb, "padding_idx", None)))
+
+    aliases = meta.get("aliases", {})
+    missing = []
+    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
+        if isinstance(model.get_submodule(name.rpartition(".")[0]) if "." in name else model, QuantLinear):
+            continue
+        src = aliases.get(name, name)
+        if src not in keys:
+            missing.append(name)
+            continue
+        used.add(src)
+        _assign(model, name, get(src) if device.type == "cpu" else get(src).to(device))
+    if missing:
+        raise CheckpointError(f"checkpoint lacks {len(missing)} tensors the model has, e.g. {missing[:5]}: "
+                              "it was saved from another architecture or configuration")
+    unexpected = keys - used
+    if unexpected:
+        raise CheckpointError(f"checkpoint has {len(unexpected)} tensors the model lacks, e.g. {sorted(unexpected)[:5]}")
+    if hasattr(model, "config") and hasattr(model.config, "tie_word_embeddings") and meta.get("tied_embeddings"):
+        model.config.tie_word_embeddings = False
+    return model
+
+
+def _assign(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner_path, _, attr = name.rpartition(".")
+    owner = model.get_submodule(owner_path) if owner_path else model
+    old = getattr(owner, attr)
+    if tuple(old.shape) != tuple(value.shape):
+        raise CheckpointError(f"tensor {name}: checkpoint shape {tuple(value.shape)}, model shape {tuple(old.shape)}")
+    if isinstance(old, nn.Parameter):
+        setattr(owner, attr, nn.Parameter(value, requires_grad=old.requires_grad))
+    else:
+        owner._buffers[attr] = value
