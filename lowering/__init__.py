@@ -13,6 +13,16 @@ from qcompile.ops import PackedLinear
 
 from . import cpu_int4
 
+# CUDA path of qcompile::int4_mm (Triton kernel + Inductor lowering). Without a working triton the
+# CPU path is unaffected, and on CUDA the op runs its reference implementation.
+try:
+    from . import inductor_int4, triton_int4
+except Exception as _e:  # no triton (silently), or a broken install (with a warning)
+    if not (isinstance(_e, ImportError) and _e.name == "triton"):
+        import warnings
+
+        warnings.warn(f"qcompile: Triton int4 kernel unavailable ({type(_e).__name__}: {_e})", stacklevel=2)
+
 
 def unsupported_reason(fmt: str, out_features: int, in_features: int, group_size: int | None,
                        device: torch.device) -> str | None:
@@ -22,6 +32,11 @@ def unsupported_reason(fmt: str, out_features: int, in_features: int, group_size
             return f"int4 packs two codes per byte: in_features must be even (got {in_features})"
         if device.type == "cpu":
             return cpu_int4.unsupported_reason(out_features, in_features, group_size or in_features)
+        if "triton_int4" in globals():
+            try:
+                triton_int4.int4_mm_configs(1, in_features, group_size or in_features)
+            except NotImplementedError as e:
+                return str(e)
         return None
     if fmt == "int8":
         return None

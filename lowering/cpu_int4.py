@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from qcompile import _compat, ops
 from qcompile.formats.int4 import Int4Weight, pack_nibbles
 from qcompile.ops import PackedLinear
 
@@ -77,3 +78,15 @@ def unpack(p: PackedLinear) -> Int4Weight:
     scale_dtype = getattr(torch, p.meta["scale_dtype"].removeprefix("torch."))
     zeros = 8 - offset.float() / s.float()
     return Int4Weight(pack_nibbles(codes.reshape(n, k)), s.to(scale_dtype), zeros, group)
+
+
+# Inductor decomposes the CPU ops into the aten kernel calls (below autograd, so the ops' own
+# backward formulas still apply): the bf16 casts then fuse into neighbouring Inductor kernels.
+@_compat.register_inductor_decomposition(torch.ops.qcompile.int4_mm_cpu.default)
+def _decompose_int4_mm_cpu(x, packed, scale_zero, group_size):
+    return ops._int4_cpu_forward(x, packed, scale_zero, group_size)
+
+
+@_compat.register_inductor_decomposition(torch.ops.qcompile.int8_mm.default)
+def _decompose_int8_mm(x, qweight, scales):
+    return ops._int8_forward(x, qweight, scales)

@@ -23,6 +23,13 @@ def compile_with_inductor(gm, example_inputs, config_patches: dict):
     return compile_fx(gm, example_inputs, config_patches=config_patches)
 
 
+def register_inductor_decomposition(op):
+    """Decorator adding `fn` to the decompositions Inductor applies when it compiles a graph."""
+    from torch._inductor.decomposition import register_decomposition
+
+    return register_decomposition(op)
+
+
 def mode_options(mode: str | None) -> dict:
     """Inductor config for a torch.compile `mode` ("reduce-overhead" -> cudagraphs, ...)."""
     if mode in (None, "default"):

@@ -47,6 +47,7 @@ class Backend:
         from qcompile.passes.analysis import placeholder_values
 
         mode, options = kwargs.pop("mode", None), kwargs.pop("options", None) or {}
+        gm = _own_copy(gm)
         if kwargs:
             raise TypeError(f"qcompile backend got unexpected torch.compile arguments {sorted(kwargs)}")
         device = _device_of(example_inputs)
@@ -70,17 +71,25 @@ class Backend:
         return _append_inputs(compiled, extra)
 
 
+def _own_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A GraphModule with its own graph (Dynamo reads the original's placeholders after we return);
+    node metadata is copied shallowly and attributes are shared, so no tensor is duplicated."""
+    graph = torch.fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    new = torch.fx.GraphModule(gm, graph)
+    new.meta.update(getattr(gm, "meta", {}))
+    return new
+
+
 def _append_inputs(compiled, extra: list):
     """Feed the quantized weights the passes added as graph inputs on every call."""
     if not extra:
         return compiled
-    if getattr(compiled, "_boxed_call", False):
-        def run(args):
-            return compiled(list(args) + extra)
-        run._boxed_call = True
-    else:
-        def run(*args):
-            return compiled(*args, *extra)
+
+    def run(*args):  # compile_fx's result takes positional args (its _boxed_call flag is inherited, not real)
+        return compiled(*args, *extra)
+
     return run
 
 

@@ -53,28 +53,49 @@ def _(x, qweight, scales, zeros, group_size):
     return x.new_empty(*x.shape[:-1], qweight.shape[0])
 
 
-# --- ops that decompose into aten kernels -------------------------------------------------------
-# Defined as CompositeImplicitAutograd: Dynamo's graph (and so the passes and the report) sees the
-# qcompile op, and AOTAutograd then traces through it, so Inductor fuses the bf16 casts into the
-# neighbouring kernels and calls torch's own int4/int8 CPU kernel with no Python in between.
-_lib = torch.library.Library("qcompile", "FRAGMENT")
-_lib.define("int4_mm_cpu(Tensor x, Tensor packed, Tensor scale_zero, int group_size) -> Tensor")
-_lib.define("int8_mm(Tensor x, Tensor qweight, Tensor scales) -> Tensor")
-_lib.define("int8_embedding(Tensor ids, Tensor qweight, Tensor scales, ScalarType dtype) -> Tensor")
-
-
-def int4_mm_cpu(x: Tensor, packed: Tensor, scale_zero: Tensor, group_size: int) -> Tensor:
-    """x [..., K] @ W.T with W in torch's CPU int4 layout, computed in bf16 (the fast kernel's dtype)."""
+# --- ops served by torch's own CPU kernels ------------------------------------------------------
+# Custom ops (so Dynamo's graph, the passes and the report see them), each with a backward for
+# its input; `qcompile.lowering.cpu_int4` gives Inductor a decomposition into the aten kernel, so
+# the bf16 casts fuse into the neighbouring kernels with no Python call in between.
+def _int4_cpu_forward(x: Tensor, packed: Tensor, scale_zero: Tensor, group_size: int) -> Tensor:
     k = scale_zero.shape[0] * group_size
-    _check_input("int4_mm_cpu", x, k)
     x2 = x.reshape(-1, k).to(torch.bfloat16).contiguous()
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, group_size, scale_zero)
     return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
 
 
-def int8_mm(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
-    """x [..., K] @ (qweight * scales[:, None]).T; torch's int8 kernel in bf16 on CPU."""
-    _check_input("int8_mm", x, qweight.shape[1])
+@torch.library.custom_op("qcompile::int4_mm_cpu", mutates_args=())
+def int4_mm_cpu(x: Tensor, packed: Tensor, scale_zero: Tensor, group_size: int) -> Tensor:
+    """x [..., K] @ W.T with W in torch's CPU int4 layout, computed in bf16 (the fast kernel's dtype)."""
+    _check_input("int4_mm_cpu", x, scale_zero.shape[0] * group_size)
+    return _int4_cpu_forward(x, packed, scale_zero, group_size)
+
+
+@int4_mm_cpu.register_fake
+def _(x, packed, scale_zero, group_size):
+    _check_input("int4_mm_cpu", x, scale_zero.shape[0] * group_size)
+    return x.new_empty(*x.shape[:-1], scale_zero.shape[1])
+
+
+def _int4_cpu_backward(ctx, grad):
+    # dx = dy @ W. The kernel only multiplies by W.T, so read W.T out of it with an identity.
+    packed, scale_zero = ctx.saved_tensors
+    k = scale_zero.shape[0] * ctx.group_size
+    eye = torch.eye(k, dtype=torch.bfloat16, device=grad.device)
+    w_t = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, packed, ctx.group_size, scale_zero)
+    return (grad.to(torch.bfloat16) @ w_t.t()).to(grad.dtype), None, None, None
+
+
+def _int4_cpu_setup(ctx, inputs, output):
+    _, packed, scale_zero, group_size = inputs
+    ctx.save_for_backward(packed, scale_zero)
+    ctx.group_size = group_size
+
+
+int4_mm_cpu.register_autograd(_int4_cpu_backward, setup_context=_int4_cpu_setup)
+
+
+def _int8_forward(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
     if x.device.type == "cpu":
         x2 = x.reshape(-1, qweight.shape[1]).to(torch.bfloat16).contiguous()
         y = torch.ops.aten._weight_int8pack_mm(x2, qweight, scales.to(torch.bfloat16))
@@ -82,8 +103,45 @@ def int8_mm(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
     return x @ (qweight.to(x.dtype) * scales.to(x.dtype)[:, None]).t()
 
 
-_lib.impl("int4_mm_cpu", int4_mm_cpu, "CompositeImplicitAutograd")
-_lib.impl("int8_mm", int8_mm, "CompositeImplicitAutograd")
+@torch.library.custom_op("qcompile::int8_mm", mutates_args=())
+def int8_mm(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
+    """x [..., K] @ (qweight * scales[:, None]).T; torch's int8 kernel in bf16 on CPU."""
+    _check_input("int8_mm", x, qweight.shape[1])
+    return _int8_forward(x, qweight, scales)
+
+
+@int8_mm.register_fake
+def _(x, qweight, scales):
+    _check_input("int8_mm", x, qweight.shape[1])
+    return x.new_empty(*x.shape[:-1], qweight.shape[0])
+
+
+def _int8_backward(ctx, grad):
+    qweight, scales = ctx.saved_tensors
+    return grad @ (qweight.to(grad.dtype) * scales.to(grad.dtype)[:, None]), None, None
+
+
+def _int8_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1], inputs[2])
+
+
+int8_mm.register_autograd(_int8_backward, setup_context=_int8_setup)
+
+
+def _int4_backward(ctx, grad):
+    qweight, scales, zeros = ctx.saved_tensors
+    return grad @ dequantize_int4(qweight, scales, zeros, ctx.group_size, grad.dtype), None, None, None, None
+
+
+def _int4_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[1:4])
+    ctx.group_size = inputs[4]
+
+
+int4_mm.register_autograd(_int4_backward, setup_context=_int4_setup)
+
+_lib = torch.library.Library("qcompile", "FRAGMENT")
+_lib.define("int8_embedding(Tensor ids, Tensor qweight, Tensor scales, ScalarType dtype) -> Tensor")
 
 
 def int8_embedding(ids: Tensor, qweight: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:

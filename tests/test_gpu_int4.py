@@ -1,0 +1,146 @@
+"""qcompile::int4_mm on a CUDA GPU: the eager Triton kernel at model sizes, and Inductor's template.
+
+On the GPU machine, from the source tree: `benchmarks/run_gpu_checks.sh OUT_DIR` (or
+`PYTHONPATH=. python -m pytest tests/test_gpu_int4.py -m gpu`). Tolerances as in
+tests/test_triton_int4.py: |y - y64| <= 2 (2u + K u_fp32) (|x| @ |W|^T), u the unit roundoff of
+the activation dtype (one rounding of each dequantized weight, fp32 accumulation, one rounding of
+the output), plus 2u|y| where a fused epilogue rounds its own result.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+# (K, N) of a 7B Llama's projections: attention (square), MLP up (4096 -> 11008), MLP down.
+SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
+BATCHES = [1, 4, 16, 64, 512]
+
+
+def _weight(n, k, g, scale_dtype=torch.float16, seed=0):
+    from qcompile.formats.int4 import pack_nibbles
+
+    gen = torch.Generator("cuda").manual_seed(seed)
+    codes = torch.randint(0, 16, (n, k), generator=gen, device="cuda")
+    scales = (torch.rand(n, k // g, generator=gen, device="cuda") * 0.02 + 0.002).to(scale_dtype)
+    zeros = (torch.rand(n, k // g, generator=gen, device="cuda") * 15).to(scale_dtype)
+    return pack_nibbles(codes), scales, zeros
+
+
+def _assert_close(y, x, w, g, epilogue=None):
+    """y ~ epilogue(x @ W.T) (x as [M, K]); the reference is float64 on the GPU."""
+    from qcompile.ops import dequantize_int4
+
+    w64 = dequantize_int4(*w, g, torch.float64)
+    x64 = x.reshape(-1, x.shape[-1]).double()
+    ref = x64 @ w64.t()
+    u = UNIT_ROUNDOFF[x.dtype]
+    tol = 2 * (2 * u + x.shape[-1] * UNIT_ROUNDOFF[torch.float32]) * (x64.abs() @ w64.abs().t())
+    if epilogue is not None:
+        ref = epilogue(ref)
+        tol = tol * 1.1 + 2 * u * ref.abs()  # 1.1: the steepest slope of silu
+    assert y.dtype == x.dtype
+    ratio = ((y.reshape(ref.shape).double() - ref).abs() / (tol + 1e-12)).max().item()
+    assert ratio <= 1, f"error is {ratio:.3g} x the tolerance"
+
+
+# --- the eager kernel ---------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", BATCHES)
+@pytest.mark.parametrize("k,n", SHAPES)
+def test_launcher_matches_float64(k, n, m, dtype):
+    from qcompile.lowering.triton_int4 import int4_mm_triton
+
+    w = _weight(n, k, 128)
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    _assert_close(int4_mm_triton(x, *w, 128), x, w, 128)
+
+
+@pytest.mark.parametrize("g", [32, 64, 128, 4096])
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_group_sizes_and_scale_dtypes(g, scale_dtype):
+    w = _weight(4096, 4096, g, scale_dtype)
+    x = torch.randn(4, 4096, device="cuda", dtype=torch.bfloat16)
+    _assert_close(torch.ops.qcompile.int4_mm(x, *w, g), x, w, g)  # the op's registered CUDA kernel
+
+
+def test_every_config_and_fp32_activations():
+    from qcompile.lowering import triton_int4 as ti
+
+    w = _weight(1000, 1024, 64)  # N = 1000: edge tiles in N
+    for m in (1, 3, 17, 100):
+        x = torch.randn(m, 1024, device="cuda", dtype=torch.float16)
+        for c in ti.int4_mm_configs(m, 1024, 64):
+            _assert_close(ti.int4_mm_triton(x, *w, 64, config=c), x, w, 64)
+        # fp32 (TF32 off, torch's default): through the autotuner, which skips tiles that would not
+        # fit in shared memory at 4 bytes per element
+        x32 = x.float()
+        _assert_close(ti.int4_mm_triton(x32, *w, 64), x32, w, 64)
+
+
+def test_opcheck():
+    w = _weight(256, 512, 128)
+    x = torch.randn(2, 3, 512, device="cuda", dtype=torch.float16)
+    torch.library.opcheck(torch.ops.qcompile.int4_mm.default, (x, *w, 128))
+
+
+# --- Inductor -----------------------------------------------------------------------------------
+def _compile(fn, *args, **compile_kwargs):
+    from torch._inductor.utils import run_and_get_code
+
+    y, codes = run_and_get_code(torch.compile(fn, **compile_kwargs), *args)
+    code = "\n".join(codes)
+    return y, code, [line for line in code.splitlines() if line.startswith("def triton")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("m", [1, 16, 512])
+def test_compile_fuses_bias_silu_into_template(m, dtype):
+    from qcompile.lowering import inductor_int4
+
+    n, k, g = 4096, 4096, 128
+    w = _weight(n, k, g)
+    bias = torch.randn(n, device="cuda", dtype=dtype)
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    y, code, kernels = _compile(lambda x: F.silu(torch.ops.qcompile.int4_mm(x, *w, g) + bias), x)
+    _assert_close(y, x, w, g, epilogue=lambda r: F.silu(r + bias.double()))
+    assert inductor_int4.TEMPLATE_MARKER in code, "the int4 template was not used"
+    # bias add and SiLU live in the template kernel: it is the only Triton kernel of the graph
+    assert len(kernels) == 1 and "int4_mm" in kernels[0], kernels
+    assert "extern_kernels." + inductor_int4.TEMPLATE_NAME not in code
+    assert "torch.ops.qcompile.int4_mm" not in code  # no fallback kernel either
+
+
+def test_compile_3d_input_with_residual_and_dynamic_batch():
+    from torch._inductor.utils import run_and_get_code
+
+    from qcompile.lowering import inductor_int4
+
+    n, k, g = 4096, 11008, 128
+    w = _weight(n, k, g)
+    fn = torch.compile(lambda x, r: torch.ops.qcompile.int4_mm(x, *w, g) + r, dynamic=True)
+    for i, seq in enumerate((5, 37, 300)):  # one compile with a symbolic M serves all three
+        x = torch.randn(2, seq, k, device="cuda", dtype=torch.bfloat16)
+        r = torch.randn(2, seq, n, device="cuda", dtype=torch.bfloat16)
+        if i == 0:
+            y, codes = run_and_get_code(fn, x, r)
+            assert inductor_int4.TEMPLATE_MARKER in "\n".join(codes)
+        else:
+            y = fn(x, r)
+        _assert_close(y, x, w, g, epilogue=lambda y: y + r.reshape(-1, n).double())
+
+
+def test_compile_max_autotune():
+    from qcompile.lowering import inductor_int4
+
+    n, k, g = 11008, 4096, 128
+    w = _weight(n, k, g)
+    x = torch.randn(64, k, device="cuda", dtype=torch.float16)
+    y, code, _ = _compile(lambda x: torch.ops.qcompile.int4_mm(x, *w, g), x, mode="max-autotune-no-cudagraphs")
+    _assert_close(y, x, w, g)
+    # either a template config or the extern (eager, autotuned) kernel won; never the fallback op
+    assert inductor_int4.TEMPLATE_MARKER in code or "extern_kernels." + inductor_int4.TEMPLATE_NAME in code
+    assert "torch.ops.qcompile.int4_mm" not in code
