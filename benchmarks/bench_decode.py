@@ -8,15 +8,21 @@ with like (timings on a shared 2-core machine drift; compare ratios from one run
   warm-up      the next generate of --tokens tokens (compiles the decode graphs)
   tok/s        --tokens / median time of --repeats generates after that
 Writes benchmarks/results/decode_<device>.md and .json. torchao runs when it is installed.
+Inductor's on-disk caches are off (a warm cache would hide compile time); --warm-cache keeps them.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
+
+if "--warm-cache" not in sys.argv:
+    os.environ["TORCHINDUCTOR_FORCE_DISABLE_CACHES"] = "1"  # must precede importing torch
 
 import torch
 
@@ -105,6 +111,7 @@ def main():
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--only", nargs="*", help="run only variants whose name contains one of these")
+    p.add_argument("--warm-cache", action="store_true", help="keep Inductor's on-disk caches")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     _, tok = load_model(args.model)

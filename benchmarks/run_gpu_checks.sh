@@ -15,6 +15,6 @@ python -c "import torch, triton; print('torch', torch.__version__, 'triton', tri
 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name())" 2>&1 | tee "$out/versions.log"
 python -m pytest tests/test_gpu_int4.py -m gpu -v -rs 2>&1 | tee "$out/test_gpu_int4.log" || status=1
 python -m pytest tests/test_triton_int4.py -v 2>&1 | tee "$out/test_triton_int4.log" || status=1
-python benchmarks/bench_int4_kernels_gpu.py 2>&1 | tee "$out/bench_int4_kernels_gpu.log" || status=1
-cp benchmarks/results/int4_kernels_gpu.md benchmarks/results/int4_kernels_gpu.png "$out/" 2>/dev/null
+python benchmarks/bench_kernels.py 2>&1 | tee "$out/bench_kernels.log" || status=1
+cp benchmarks/results/kernels_cuda.md benchmarks/results/kernels_cuda.png "$out/" 2>/dev/null
 exit $status

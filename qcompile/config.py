@@ -26,7 +26,7 @@ class QuantConfig:
             embedding then reads the same int8 table.
         skip: fnmatch patterns of module paths (``"model.layers.0.*"``) that stay in float.
         min_features: linears with fewer input or output features stay in float (too small to gain).
-        scale_dtype: storage dtype of scales and zero-points.
+        scale_dtype: storage dtype of scales (zero-points, in code units, are kept in fp16).
     """
 
     lm_head: bool = True

@@ -1,0 +1,133 @@
+"""Quantized matmul kernels vs float, across batch sizes 1-64, on this machine's device.
+
+    python benchmarks/bench_kernels.py            # CPU here; the same script on a CUDA machine
+
+CPU:  qcompile's int4 op (torch's int4 kernel, bf16 compute) vs float32 and bf16 `F.linear`.
+      Each call reads a different copy of the weights (> 100 MB in all), so weights come from
+      memory, not cache, as in decoding a real model. Median of 7 runs of a timed loop.
+CUDA: the Triton int4 kernel (`qcompile::int4_mm`) vs fp16 `torch.mm` (cuBLAS), median of
+      `triton.testing.do_bench`.
+Shapes: SmolLM2-135M's linears (hidden 576) and Llama-7B's (4096/11008); group size 64 on CPU
+(576 is not a multiple of 128), 128 on CUDA. Writes benchmarks/results/kernels_<device>.md/.png.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import qcompile
+from qcompile import lowering
+from qcompile.formats import Int4Weight, pack_nibbles
+
+RESULTS = Path(__file__).parent / "results"
+BATCHES = [1, 2, 4, 8, 16, 32, 64]
+SHAPES = {  # name: (N out, K in)
+    "576x576 (q/o_proj)": (576, 576), "1536x576 (gate/up)": (1536, 576), "576x1536 (down)": (576, 1536),
+    "4096x4096": (4096, 4096), "11008x4096": (11008, 4096), "4096x11008": (4096, 11008),
+}
+COLD_BYTES = 100 * 2**20
+
+
+def random_int4(n, k, group, device, scale_dtype):
+    codes = torch.randint(0, 16, (n, k), device=device)
+    scales = (torch.rand(n, k // group, device=device) * 0.01 + 0.001).to(scale_dtype)
+    return Int4Weight(pack_nibbles(codes), scales, torch.full_like(scales, 8.0), group)
+
+
+def _cpu_time(fns, x_by_copy) -> float:
+    """Seconds per call, cycling through weight copies; median of 7 timed loops."""
+    n = len(fns)
+    loops = max(20, 2 * n)
+    for i in range(n):
+        fns[i](x_by_copy)
+    runs = []
+    for _ in range(7):
+        t0 = time.perf_counter()
+        for i in range(loops):
+            fns[i % n](x_by_copy)
+        runs.append((time.perf_counter() - t0) / loops)
+    return statistics.median(runs)
+
+
+def bench_cpu(n, k, m):
+    group = 64
+    copies = max(1, min(16, COLD_BYTES // (n * k * 4)))
+    w32 = [torch.randn(n, k) * 0.02 for _ in range(copies)]
+    w16 = [w.bfloat16() for w in w32]
+    q = [lowering.pack(random_int4(n, k, group, "cpu", torch.bfloat16), "cpu") for _ in range(copies)]
+    x = torch.randn(m, k)
+    xb = x.bfloat16()
+    return {
+        "int4": _cpu_time([lambda x, p=p: p(x) for p in q], x),
+        "fp32": _cpu_time([lambda x, w=w: F.linear(x, w) for w in w32], x),
+        "bf16": _cpu_time([lambda x, w=w: F.linear(x, w) for w in w16], xb),
+    }
+
+
+def bench_cuda(n, k, m):
+    import triton.testing
+
+    group = 128
+    w = random_int4(n, k, group, "cuda", torch.float16)
+    w16 = torch.randn(n, k, device="cuda", dtype=torch.float16)
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    op = lambda: torch.ops.qcompile.int4_mm(x, w.qweight, w.scales, w.zeros, group)  # noqa: E731
+    op()  # autotune outside the timing
+    ms = lambda f: triton.testing.do_bench(f, return_mode="median") * 1e-3  # noqa: E731
+    return {"int4": ms(op), "fp16": ms(lambda: torch.mm(x, w16.t()))}
+
+
+def main():
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    name = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
+    base = "fp16" if cuda else "fp32"
+    rows = []
+    for label, (n, k) in SHAPES.items():
+        for m in BATCHES:
+            t = bench_cuda(n, k, m) if cuda else bench_cpu(n, k, m)
+            rows.append((label, m, t))
+            print(f"{label:22} M={m:3d} " + "  ".join(f"{v}: {s * 1e6:9.1f} us" for v, s in t.items())
+                  + f"  speedup vs {base}: {t[base] / t['int4']:.2f}x", flush=True)
+    variants = list(rows[0][2])
+    lines = [f"# int4 kernel vs float, {name} (torch {torch.__version__})", "",
+             "Times in microseconds per call (median); speedup = float time / int4 time.", "",
+             "| weight (N x K) | batch | " + " | ".join(f"{v} (us)" for v in variants)
+             + f" | speedup vs {base} |" + (" speedup vs bf16 |" if not cuda else ""),
+             "|---|---:|" + "---:|" * (len(variants) + 1 + (0 if cuda else 1))]
+    for label, m, t in rows:
+        extra = f" {t['bf16'] / t['int4']:.2f}x |" if not cuda else ""
+        lines.append(f"| {label} | {m} | " + " | ".join(f"{t[v] * 1e6:.1f}" for v in variants)
+                     + f" | {t[base] / t['int4']:.2f}x |" + extra)
+    table = "\n".join(lines) + "\n"
+    print("\n" + table)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"kernels_{device}.md").write_text(table)
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib not installed: table only")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label in SHAPES:
+        pts = [(m, t[base] / t["int4"]) for lab, m, t in rows if lab == label]
+        ax.plot(*zip(*pts), marker="o", label=label)
+    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+    ax.set(xscale="log", xlabel="batch (rows of x)", ylabel=f"speedup of int4 over {base}",
+           title=f"qcompile int4 vs {base} matmul — {name}")
+    ax.set_xticks(BATCHES, [str(b) for b in BATCHES])
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"kernels_{device}.png", dpi=120)
+    print(f"wrote {RESULTS / f'kernels_{device}.md'} and .png")
+
+
+if __name__ == "__main__":
+    main()
