@@ -90,3 +90,7 @@ def _decompose_int4_mm_cpu(x, packed, scale_zero, group_size):
 @_compat.register_inductor_decomposition(torch.ops.qcompile.int8_mm.default)
 def _decompose_int8_mm(x, qweight, scales):
     return ops._int8_forward(x, qweight, scales)
+
+
+_compat.require_contiguous_inputs(torch.ops.aten._weight_int4pack_mm_for_cpu.default)
+_compat.require_contiguous_inputs(torch.ops.aten._weight_int8pack_mm.default)

@@ -140,7 +140,7 @@ def input_scale(x: fx.Node) -> fx.Node | None:
             continue
         if node.op == "call_function" and node.target in (operator.mul, torch.mul, aten.mul.Tensor):
             for a in node.args[:2]:
-                if isinstance(a, fx.Node) and a.op == "placeholder" and _shape(a) == (width,):
+                if isinstance(a, fx.Node) and a.op == "placeholder" and shape_of(a) == (width,):
                     return a
             return None
         if node.op == "call_function" and node.target in (torch.nn.functional.layer_norm, torch.layer_norm,
@@ -151,13 +151,13 @@ def input_scale(x: fx.Node) -> fx.Node | None:
     return None
 
 
-def _shape(node: fx.Node):
+def shape_of(node: fx.Node):
     v = node.meta.get("example_value", node.meta.get("val"))
     return tuple(v.shape) if isinstance(v, torch.Tensor) else None
 
 
 def _last_dim(node) -> int | None:
-    s = _shape(node) if isinstance(node, fx.Node) else None
+    s = shape_of(node) if isinstance(node, fx.Node) else None
     return s[-1] if s else None
 
 

@@ -22,7 +22,7 @@ from qcompile.methods import LinearPlan, plan_linear, quantize_linear
 from qcompile.ops import QUANTIZED_LINEAR_OPS
 from qcompile.report import LinearReport
 
-from .analysis import LinearSite, _shape, input_scale, linear_sites, module_path
+from .analysis import LinearSite, shape_of, input_scale, linear_sites, module_path
 from .context import PassContext
 
 
@@ -40,8 +40,8 @@ def _report_prequantized(gm: fx.GraphModule, ctx: PassContext) -> int:
     count = 0
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in QUANTIZED_LINEAR_OPS:
-            k = (_shape(node.args[0]) or (0,))[-1]
-            n = (_shape(node) or (0,))[-1]
+            k = (shape_of(node.args[0]) or (0,))[-1]
+            n = (shape_of(node) or (0,))[-1]
             quant = sum(t.numel() * t.element_size() for a in node.args[1:]
                         if isinstance(a, fx.Node) and isinstance(t := ctx.values.get(a), torch.Tensor))
             plan = LinearPlan(module_path(node), k, n, reason="quantized ahead of time (qcompile.quantize / load)")
@@ -62,7 +62,7 @@ def quantize_linears(gm: fx.GraphModule, ctx: PassContext) -> str:
     for site in linear_sites(graph):
         w = ctx.values.get(site.weight)
         if not isinstance(w, torch.nn.Parameter):
-            n, k = _shape(site.weight)[-2:]
+            n, k = shape_of(site.weight)[-2:]
             n, k = (k, n) if site.weight_is_in_out else (n, k)
             _record(ctx, LinearPlan(site.path, k, n, reason="weight is not an nn.Parameter (a buffer or plain tensor)"), None)
             continue

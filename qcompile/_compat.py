@@ -30,6 +30,37 @@ def register_inductor_decomposition(op):
     return register_decomposition(op)
 
 
+def require_contiguous_inputs(op) -> None:
+    """Make Inductor hand `op` contiguous inputs (torch 2.13's lowering of the CPU int4/int8 kernels
+    can pass a strided buffer, which the kernels reject)."""
+    from torch._inductor.lowering import add_layout_constraint, require_contiguous
+
+    add_layout_constraint(op, require_contiguous)
+
+
+def cache_salt_pass(files: list[str]):
+    """A post-grad pass that changes nothing but whose uuid hashes `files`.
+
+    Inductor's on-disk graph cache keys on the graph and its config, not on the decompositions,
+    layout constraints and lowerings qcompile registers; without this, a changed qcompile could
+    reuse code compiled by an older one.
+    """
+    import hashlib
+
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    digest = hashlib.sha256(b"".join(open(f, "rb").read() for f in sorted(files))).hexdigest()
+
+    class QCompileCacheSalt(CustomGraphPass):
+        def __call__(self, graph) -> None:
+            return None
+
+        def uuid(self) -> str:
+            return digest
+
+    return QCompileCacheSalt()
+
+
 def mode_options(mode: str | None) -> dict:
     """Inductor config for a torch.compile `mode` ("reduce-overhead" -> cudagraphs, ...)."""
     if mode in (None, "default"):

@@ -1,8 +1,10 @@
 """The torch.compile backend: Dynamo graph -> qcompile passes -> Inductor."""
 from __future__ import annotations
 
+import functools
 import itertools
 import os
+from pathlib import Path
 
 import torch
 
@@ -66,9 +68,18 @@ class Backend:
         extra = ctx.new_inputs
         if not self.inductor:
             return (lambda *args: gm(*args, *extra)) if extra else gm.forward
-        patches = {**_compat.mode_options(mode), **options}
+        patches = {**_compat.mode_options(mode), "post_grad_custom_post_pass": _cache_salt(), **options}
         compiled = _compat.compile_with_inductor(gm, list(example_inputs) + extra, patches)
         return _append_inputs(compiled, extra)
+
+
+@functools.cache
+def _cache_salt():
+    import qcompile.lowering
+
+    here = Path(__file__).parent
+    files = [here / "ops.py", here / "_compat.py", *Path(qcompile.lowering.__file__).parent.glob("*.py")]
+    return _compat.cache_salt_pass([str(f) for f in files])
 
 
 def _own_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

@@ -174,3 +174,50 @@ def test_non_parameter_weights_stay_float_with_reason():
 
     report = qcompile.explain(fn, torch.randn(3, 64))
     assert report.linears == [] or report.linears[0].op is None
+
+
+class _Block(torch.nn.Module):
+    """x + down(silu(up(x) + b)): bias, activation and residual around quantized matmuls."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.Linear(128, 256)
+        self.down = torch.nn.Linear(256, 128, bias=False)
+
+    def forward(self, x):
+        return x + self.down(torch.nn.functional.silu(self.up(x)))
+
+
+def test_bias_activation_residual_fuse_into_the_neighbouring_cpu_kernel():
+    from torch._inductor.utils import run_and_get_code
+
+    block = _Block().eval()
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        ref = block(x)
+        out, (code, *_) = run_and_get_code(torch.compile(block, backend=qcompile.backend(MINMAX)), x)
+    assert (out - ref).abs().max() <= 0.05 * ref.abs().max()
+    # the int4 GEMMs are torch's CPU kernel; what follows up's GEMM (bf16->fp32 cast, bias add,
+    # SiLU, cast for the next GEMM) is one generated kernel, and so is down's cast + residual add
+    calls = [line for line in code.splitlines() if "= torch.ops." in line and "int4" in line]
+    assert len(calls) == 2, calls
+    kernels = [line.strip() for line in code.splitlines()
+               if line.strip().startswith("cpp_fused_") and "async_compile" not in line]
+    assert len(kernels) == 3, kernels  # x->bf16, [bias+silu+cast], [cast+residual]
+    assert any("silu" in k and "add" in k for k in kernels), kernels
+
+
+def test_compiled_model_takes_noncontiguous_and_half_precision_inputs():
+    block = _Block().eval()
+    compiled = torch.compile(block, backend=qcompile.backend(MINMAX))
+    base = torch.randn(128, 4)
+    x = base.t()  # [4, 128], not contiguous
+    with torch.no_grad():
+        ref = block(x.contiguous())
+        out = compiled(x)
+    assert (out - ref).abs().max() <= 0.05 * ref.abs().max()
+    torch._dynamo.reset()
+    half = _Block().eval().to(torch.bfloat16)
+    with torch.no_grad():
+        y = torch.compile(half, backend=qcompile.backend(MINMAX))(torch.randn(2, 128, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
