@@ -27,19 +27,11 @@ if "--warm-cache" not in sys.argv:
 import torch
 
 import qcompile
+from qcompile.demo import model_bytes
 from qcompile.models import load_model
 
 RESULTS = Path(__file__).parent / "results"
 PROMPT = "The history of the Roman Empire is"
-
-
-def weight_bytes(model) -> int:
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total
 
 
 def measure(name, make, tok, args, device):
@@ -61,7 +53,7 @@ def measure(name, make, tok, args, device):
             times.append(time.perf_counter() - t0)
     row = {"variant": name, "first_token_s": round(first, 1), "warmup_s": round(warm, 1),
            "tok_s": round(args.tokens / statistics.median(times), 1),
-           "weight_MiB": round(weight_bytes(getattr(model, "_orig_mod", model)) / 2**20, 1),
+           "weight_MiB": round(model_bytes(getattr(model, "_orig_mod", model))["total"] / 2**20, 1),
            "text": tok.decode(out[0, ids.shape[1]:ids.shape[1] + 16])}
     print(f"  {name}: {row}", flush=True)
     return row

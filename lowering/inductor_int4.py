@@ -102,6 +102,7 @@ def _max_autotune() -> bool:
 
 
 # --- the template: the same kernel as triton_int4.int4_mm_kernel, in Inductor's template syntax --
+# (change both together: tests/test_triton_int4.py checks each against the float64 reference)
 _TEMPLATE_BODY = r"""
 {{def_kernel("X", "QW", "S", "Z")}}
     MARKER
