@@ -24,7 +24,7 @@ from . import triton_int4
 # Inductor modules are imported inside the functions: importing them costs ~1 s, and CPU-only
 # builds never need them.
 
-OP = torch.ops.qcompile.int4_mm.default
+OP = torch.ops.qcompile.int4_mm_kernel.default  # what compiled graphs call (ops.py)
 TEMPLATE_NAME = "qcompile_int4_mm"
 TEMPLATE_MARKER = "# qcompile int4_mm template"  # appears in generated code (tests look for it)
 DEVICE_TYPES = ("cuda",)  # where the lowering generates Triton; elsewhere the op is a fallback kernel

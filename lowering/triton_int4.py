@@ -225,10 +225,13 @@ def int4_mm_reference(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor,
 
 
 # --- the op's CUDA kernel -----------------------------------------------------------------------
-@torch.library.register_kernel("qcompile::int4_mm", "cuda")
 def _int4_mm_cuda(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int) -> Tensor:
     try:
         return int4_mm_triton(x, qweight, scales, zeros, group_size)
     except NotImplementedError as e:  # e.g. fp64 activations or an odd K: stay correct, say it is slow
         warnings.warn(f"{e}; using the dequantize + matmul reference instead", stacklevel=2)
         return int4_mm_reference(x, qweight, scales, zeros, group_size, x.dtype)
+
+
+_impl = torch.library.Library("qcompile", "IMPL")
+_impl.impl("int4_mm_kernel", _int4_mm_cuda, "CUDA")

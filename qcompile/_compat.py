@@ -23,21 +23,6 @@ def compile_with_inductor(gm, example_inputs, config_patches: dict):
     return compile_fx(gm, example_inputs, config_patches=config_patches)
 
 
-def register_inductor_decomposition(op):
-    """Decorator adding `fn` to the decompositions Inductor applies when it compiles a graph."""
-    from torch._inductor.decomposition import register_decomposition
-
-    return register_decomposition(op)
-
-
-def require_contiguous_inputs(op) -> None:
-    """Make Inductor hand `op` contiguous inputs (torch 2.13's lowering of the CPU int4/int8 kernels
-    can pass a strided buffer, which the kernels reject)."""
-    from torch._inductor.lowering import add_layout_constraint, require_contiguous
-
-    add_layout_constraint(op, require_contiguous)
-
-
 def cache_salt_pass(files: list[str]):
     """A post-grad pass that changes nothing but whose uuid hashes `files`.
 

@@ -78,7 +78,8 @@ def _cache_salt():
     import qcompile.lowering
 
     here = Path(__file__).parent
-    files = [here / "ops.py", here / "_compat.py", *Path(qcompile.lowering.__file__).parent.glob("*.py")]
+    lowering = Path(qcompile.lowering.__file__).parent
+    files = [here / "ops.py", here / "_compat.py", *lowering.glob("*.py"), *lowering.glob("*.c")]
     return _compat.cache_salt_pass([str(f) for f in files])
 
 

@@ -4,12 +4,15 @@ Each op computes ``x @ W.T`` for a quantized W held in one layout. The reference
 here dequantize and matmul in float (slow, exact, any device); `qcompile.lowering` registers the
 fast CPU kernels, the Triton kernels and the Inductor lowerings for the same ops.
 
-| op                    | layout of W                                             |
-|-----------------------|---------------------------------------------------------|
-| qcompile::int4_mm     | canonical int4 (`formats.Int4Weight`); Triton reads it   |
-| qcompile::int4_mm_cpu | torch's CPU int4 pack + [G, N, 2] (scale, offset) bf16  |
-| qcompile::int8_mm     | int8 [N, K] + per-channel scales                         |
-| qcompile::int8_embedding | row gather of an int8 table (tied lm_head/embedding) |
+| op                       | layout of W (the canonical formats of `qcompile.formats`) |
+|--------------------------|-----------------------------------------------------------|
+| qcompile::int4_mm        | int4: uint8 [N, K/2] codes + [N, K/g] scales and zeros    |
+| qcompile::int8_mm        | int8 [N, K] + per-channel scales                          |
+(each with a `_kernel` op underneath that the device kernels implement)
+| qcompile::int8_embedding | row gather of an int8 table (tied lm_head/embedding)      |
+
+The kernels read these layouts as they are saved, on every device, so a file moves between CPU
+and GPU without repacking.
 """
 from __future__ import annotations
 
@@ -38,110 +41,97 @@ def dequantize_int4(qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: 
     return s * (q - z)
 
 
-# --- int4, canonical layout -------------------------------------------------------------------
-@torch.library.custom_op("qcompile::int4_mm", mutates_args=())
-def int4_mm(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int) -> Tensor:
-    """x [..., K] @ dequant(W).T with W in the canonical int4 layout (reference: dequantize + matmul)."""
+# Each matmul is two ops. The public one (what graphs, passes and reports show) is a composite
+# that calls the kernel op, through an autograd.Function only when the input needs a gradient.
+# After AOTAutograd, compiled inference graphs call the kernel op directly, and its device kernels
+# (`qcompile.lowering`) run with no Python: the dispatcher overhead of @custom_op or of a Python
+# autograd formula (10-40 us a call) is as large as a decode-size matmul on a small model.
+_lib = torch.library.Library("qcompile", "FRAGMENT")
+_lib.define("int4_mm(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor")
+_lib.define("int4_mm_kernel(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor")
+_lib.define("int8_mm(Tensor x, Tensor qweight, Tensor scales) -> Tensor")
+_lib.define("int8_mm_kernel(Tensor x, Tensor qweight, Tensor scales) -> Tensor")
+_lib.define("int8_embedding(Tensor ids, Tensor qweight, Tensor scales, ScalarType dtype) -> Tensor")
+
+# device type -> loader of its compiled kernels (set by qcompile.lowering; called on first use)
+KERNEL_LOADERS: dict = {}
+
+
+def _load_kernels(device: torch.device) -> None:
+    loader = KERNEL_LOADERS.get(device.type)
+    if loader is not None:
+        loader()
+
+
+# --- int4 ---------------------------------------------------------------------------------------
+def int4_mm_reference(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int) -> Tensor:
+    """x [..., K] @ dequant(W).T: dequantize to x's dtype, then matmul (any device)."""
     _check_input("int4_mm", x, 2 * qweight.shape[1])
-    w = dequantize_int4(qweight, scales, zeros, group_size, x.dtype)
-    return x @ w.t()
+    return x @ dequantize_int4(qweight, scales, zeros, group_size, x.dtype).t()
 
 
-@int4_mm.register_fake
+@torch.library.register_fake("qcompile::int4_mm_kernel")
 def _(x, qweight, scales, zeros, group_size):
     _check_input("int4_mm", x, 2 * qweight.shape[1])
     return x.new_empty(*x.shape[:-1], qweight.shape[0])
 
 
-# --- ops served by torch's own CPU kernels ------------------------------------------------------
-# Custom ops (so Dynamo's graph, the passes and the report see them), each with a backward for
-# its input; `qcompile.lowering.cpu_int4` gives Inductor a decomposition into the aten kernel, so
-# the bf16 casts fuse into the neighbouring kernels with no Python call in between.
-def _int4_cpu_forward(x: Tensor, packed: Tensor, scale_zero: Tensor, group_size: int) -> Tensor:
-    k = scale_zero.shape[0] * group_size
-    x2 = x.reshape(-1, k).to(torch.bfloat16).contiguous()
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, group_size, scale_zero)
-    return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
+class _Int4MM(torch.autograd.Function):
+    """The kernel forward with an input gradient (the weight is frozen): dx = dy @ dequant(W)."""
+
+    @staticmethod
+    def forward(ctx, x, qweight, scales, zeros, group_size):
+        ctx.save_for_backward(qweight, scales, zeros)
+        ctx.group_size = group_size
+        return torch.ops.qcompile.int4_mm_kernel(x, qweight, scales, zeros, group_size)
+
+    @staticmethod
+    def backward(ctx, grad):
+        qweight, scales, zeros = ctx.saved_tensors
+        return grad @ dequantize_int4(qweight, scales, zeros, ctx.group_size, grad.dtype), None, None, None, None
 
 
-@torch.library.custom_op("qcompile::int4_mm_cpu", mutates_args=())
-def int4_mm_cpu(x: Tensor, packed: Tensor, scale_zero: Tensor, group_size: int) -> Tensor:
-    """x [..., K] @ W.T with W in torch's CPU int4 layout, computed in bf16 (the fast kernel's dtype)."""
-    _check_input("int4_mm_cpu", x, scale_zero.shape[0] * group_size)
-    return _int4_cpu_forward(x, packed, scale_zero, group_size)
+def int4_mm(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int) -> Tensor:
+    """x [..., K] @ dequant(W).T for W in the canonical int4 layout."""
+    _check_input("int4_mm", x, 2 * qweight.shape[1])
+    _load_kernels(x.device)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _Int4MM.apply(x, qweight, scales, zeros, group_size)
+    return torch.ops.qcompile.int4_mm_kernel(x, qweight, scales, zeros, group_size)
 
 
-@int4_mm_cpu.register_fake
-def _(x, packed, scale_zero, group_size):
-    _check_input("int4_mm_cpu", x, scale_zero.shape[0] * group_size)
-    return x.new_empty(*x.shape[:-1], scale_zero.shape[1])
-
-
-def _int4_cpu_backward(ctx, grad):
-    # dx = dy @ W. The kernel only multiplies by W.T, so read W.T out of it with an identity.
-    packed, scale_zero = ctx.saved_tensors
-    k = scale_zero.shape[0] * ctx.group_size
-    eye = torch.eye(k, dtype=torch.bfloat16, device=grad.device)
-    w_t = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, packed, ctx.group_size, scale_zero)
-    return (grad.to(torch.bfloat16) @ w_t.t()).to(grad.dtype), None, None, None
-
-
-def _int4_cpu_setup(ctx, inputs, output):
-    _, packed, scale_zero, group_size = inputs
-    ctx.save_for_backward(packed, scale_zero)
-    ctx.group_size = group_size
-
-
-int4_mm_cpu.register_autograd(_int4_cpu_backward, setup_context=_int4_cpu_setup)
-
-
-def _int8_forward(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
-    if x.device.type == "cpu":
-        x2 = x.reshape(-1, qweight.shape[1]).to(torch.bfloat16).contiguous()
-        y = torch.ops.aten._weight_int8pack_mm(x2, qweight, scales.to(torch.bfloat16))
-        return y.to(x.dtype).reshape(*x.shape[:-1], qweight.shape[0])
+# --- int8 ---------------------------------------------------------------------------------------
+def int8_mm_reference(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
+    """x [..., K] @ (qweight * scales[:, None]).T: dequantize, then matmul (any device)."""
+    _check_input("int8_mm", x, qweight.shape[1])
     return x @ (qweight.to(x.dtype) * scales.to(x.dtype)[:, None]).t()
 
 
-@torch.library.custom_op("qcompile::int8_mm", mutates_args=())
-def int8_mm(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
-    """x [..., K] @ (qweight * scales[:, None]).T; torch's int8 kernel in bf16 on CPU."""
-    _check_input("int8_mm", x, qweight.shape[1])
-    return _int8_forward(x, qweight, scales)
-
-
-@int8_mm.register_fake
+@torch.library.register_fake("qcompile::int8_mm_kernel")
 def _(x, qweight, scales):
     _check_input("int8_mm", x, qweight.shape[1])
     return x.new_empty(*x.shape[:-1], qweight.shape[0])
 
 
-def _int8_backward(ctx, grad):
-    qweight, scales = ctx.saved_tensors
-    return grad @ (qweight.to(grad.dtype) * scales.to(grad.dtype)[:, None]), None, None
+class _Int8MM(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, qweight, scales):
+        ctx.save_for_backward(qweight, scales)
+        return torch.ops.qcompile.int8_mm_kernel(x, qweight, scales)
+
+    @staticmethod
+    def backward(ctx, grad):
+        qweight, scales = ctx.saved_tensors
+        return grad @ (qweight.to(grad.dtype) * scales.to(grad.dtype)[:, None]), None, None
 
 
-def _int8_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[1], inputs[2])
-
-
-int8_mm.register_autograd(_int8_backward, setup_context=_int8_setup)
-
-
-def _int4_backward(ctx, grad):
-    qweight, scales, zeros = ctx.saved_tensors
-    return grad @ dequantize_int4(qweight, scales, zeros, ctx.group_size, grad.dtype), None, None, None, None
-
-
-def _int4_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[1:4])
-    ctx.group_size = inputs[4]
-
-
-int4_mm.register_autograd(_int4_backward, setup_context=_int4_setup)
-
-_lib = torch.library.Library("qcompile", "FRAGMENT")
-_lib.define("int8_embedding(Tensor ids, Tensor qweight, Tensor scales, ScalarType dtype) -> Tensor")
+def int8_mm(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
+    """x [..., K] @ (qweight * scales[:, None]).T."""
+    _check_input("int8_mm", x, qweight.shape[1])
+    _load_kernels(x.device)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _Int8MM.apply(x, qweight, scales)
+    return torch.ops.qcompile.int8_mm_kernel(x, qweight, scales)
 
 
 def int8_embedding(ids: Tensor, qweight: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
@@ -149,13 +139,17 @@ def int8_embedding(ids: Tensor, qweight: Tensor, scales: Tensor, dtype: torch.dt
     return qweight[ids].to(dtype) * scales[ids].to(dtype).unsqueeze(-1)
 
 
+# References serve every device that `qcompile.lowering` gives no kernel.
+_lib.impl("int4_mm_kernel", int4_mm_reference, "CompositeExplicitAutograd")
+_lib.impl("int8_mm_kernel", int8_mm_reference, "CompositeExplicitAutograd")
+_lib.impl("int4_mm", int4_mm, "CompositeImplicitAutograd")
+_lib.impl("int8_mm", int8_mm, "CompositeImplicitAutograd")
 _lib.impl("int8_embedding", int8_embedding, "CompositeImplicitAutograd")
 
 
 # --- weights packed for a kernel --------------------------------------------------------------
 LAYOUT_OPS = {
     "int4": torch.ops.qcompile.int4_mm.default,
-    "int4_cpu": torch.ops.qcompile.int4_mm_cpu.default,
     "int8": torch.ops.qcompile.int8_mm.default,
 }
 QUANTIZED_LINEAR_OPS = frozenset(LAYOUT_OPS.values())

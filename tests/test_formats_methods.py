@@ -120,7 +120,7 @@ def test_plan_explains_float_layers_and_rejects_nan():
     assert "skip pattern" in plan_linear(cfg, "layers.0.v_proj", torch.randn(64, 64), cpu).reason
     assert "min_features" in plan_linear(cfg, "x", torch.randn(8, 64), cpu).reason
     assert "not a float" in plan_linear(cfg, "x", torch.ones(64, 64, dtype=torch.int8), cpu).reason
-    assert "divisible by 16" in plan_linear(cfg, "x", torch.randn(40, 64), cpu).reason
+    assert plan_linear(cfg, "x", torch.randn(40, 64), cpu).format == "int4"  # any out_features
     assert "no supported group size" in plan_linear(cfg, "x", torch.randn(64, 100), cpu).reason
     p = plan_linear(cfg, "x", torch.randn(64, 576), cpu)
     assert p.format == "int4" and p.group_size == 64

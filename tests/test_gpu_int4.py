@@ -84,7 +84,7 @@ def test_every_config_and_fp32_activations():
 def test_opcheck():
     w = _weight(256, 512, 128)
     x = torch.randn(2, 3, 512, device="cuda", dtype=torch.float16)
-    torch.library.opcheck(torch.ops.qcompile.int4_mm.default, (x, *w, 128))
+    torch.library.opcheck(torch.ops.qcompile.int4_mm_kernel.default, (x, *w, 128))
 
 
 # --- Inductor -----------------------------------------------------------------------------------

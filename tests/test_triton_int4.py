@@ -177,7 +177,7 @@ def _inductor_cases():
     y, (code,) = run_and_get_code(torch.compile(f), x)
     ref, tol = _expected(x.reshape(-1, k), *w, g)
     result = _compare(y.reshape(-1, n), x.dtype, F.silu(ref + bias.double()), tol)  # |silu'| <= 1.1
-    result["ok"] &= "torch.ops.qcompile.int4_mm.default(" in code and inductor_int4.TEMPLATE_MARKER not in code
+    result["ok"] &= "torch.ops.qcompile.int4_mm_kernel.default(" in code and inductor_int4.TEMPLATE_MARKER not in code
     yield "cpu-fallback", result
 
     if torch.cuda.is_available():
