@@ -50,8 +50,10 @@ def pack(weight: Int4Weight | Int8Weight, device: torch.device | str) -> PackedL
     """The weight on `device`, with the op that multiplies by it."""
     device = torch.device(device)
     if isinstance(weight, Int4Weight):
-        w = Int4Weight(*(t.to(device) for t in (weight.qweight, weight.scales, weight.zeros)), weight.group_size)
-        return PackedLinear("int4", w.tensors(), (w.group_size,), w.in_features, w.out_features, w.meta())
+        w = Int4Weight(*(t.to(device) for t in (weight.qweight, weight.scales, weight.zeros)), weight.group_size,
+                       weight.bits, None if weight.perm is None else weight.perm.to(device))
+        tensors = {n: t for n, t in w.tensors().items() if n != "perm"}
+        return PackedLinear("int4", tensors, (w.group_size,), w.in_features, w.out_features, w.meta(), w.perm)
     if isinstance(weight, Int8Weight):
         w = Int8Weight(weight.qweight.to(device), weight.scales.to(device))
         return PackedLinear("int8", w.tensors(), (), w.in_features, w.out_features, w.meta())
@@ -62,7 +64,8 @@ def unpack(packed: PackedLinear) -> Int4Weight | Int8Weight:
     """The canonical format back (on the layout's device)."""
     t = packed.tensors
     if packed.layout == "int4":
-        return Int4Weight(t["qweight"], t["scales"], t["zeros"], packed.consts[0])
+        return Int4Weight(t["qweight"], t["scales"], t["zeros"], packed.consts[0], packed.meta.get("bits", 4),
+                          packed.perm)
     if packed.layout == "int8":
         return Int8Weight(t["qweight"], t["scales"])
     raise ValueError(f"unknown layout {packed.layout!r}")

@@ -79,7 +79,7 @@ def _cache_salt():
 
     here = Path(__file__).parent
     lowering = Path(qcompile.lowering.__file__).parent
-    files = [here / "ops.py", here / "_compat.py", *lowering.glob("*.py"), *lowering.glob("*.c")]
+    files = [here / "ops.py", here / "_compat.py", *lowering.glob("*.py"), *lowering.glob("*.cpp")]
     return _compat.cache_salt_pass([str(f) for f in files])
 
 

@@ -30,16 +30,19 @@ class QuantLinear(nn.Module):
         self._tensor_names = tuple(packed.tensors)
         for name, t in packed.tensors.items():
             self.register_buffer(name, t)
+        self.register_buffer("perm", packed.perm)  # act_order input order, or None
 
     def packed_weight(self) -> PackedLinear:
         return PackedLinear(self.layout, {n: getattr(self, n) for n in self._tensor_names}, self.consts,
-                            self.in_features, self.out_features, self.format_meta)
+                            self.in_features, self.out_features, self.format_meta, self.perm)
 
     @property
     def layout_op(self):
         return LAYOUT_OPS[self.layout]
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.perm is not None:  # act_order: gather the K inputs, not the N x K weight
+            x = x.index_select(-1, self.perm)
         y = self.layout_op(x, *(getattr(self, n) for n in self._tensor_names), *self.consts)
         return y if self.bias is None else y + self.bias
 

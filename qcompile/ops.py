@@ -159,8 +159,9 @@ QUANTIZED_LINEAR_OPS = frozenset(LAYOUT_OPS.values())
 class PackedLinear:
     """A quantized weight in the layout one kernel reads, and the op that runs it.
 
-    ``op(x, *tensors.values(), *consts)`` computes ``x @ W.T``. Made by `qcompile.lowering.pack`
-    from a canonical format, turned back by `qcompile.lowering.unpack`.
+    ``op(x[..., perm], *tensors.values(), *consts)`` computes ``x @ W.T`` (``perm``: the input
+    order of an act_order weight, or None). Made by `qcompile.lowering.pack` from a canonical
+    format, turned back by `qcompile.lowering.unpack`.
     """
 
     layout: str
@@ -169,6 +170,7 @@ class PackedLinear:
     in_features: int
     out_features: int
     meta: dict  # the canonical format's description (format, bits, group_size, ...)
+    perm: Tensor | None = None
 
     @property
     def op(self):
@@ -179,4 +181,6 @@ class PackedLinear:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
     def __call__(self, x: Tensor) -> Tensor:
+        if self.perm is not None:
+            x = x.index_select(-1, self.perm)
         return self.op(x, *self.tensors.values(), *self.consts)

@@ -146,10 +146,13 @@ def load(model: nn.Module, path: str | Path, *, device: torch.device | str | Non
             raise CheckpointError(f"layer {lpath}: checkpoint is {n}x{k} (out x in), model has {have[0]}x{have[1]}")
         fmt = FORMATS[lmeta["format"]]
         names = ["qweight", "scales", "zeros"] if lmeta["format"] == "int4" else ["qweight", "scales"]
+        if lmeta.get("act_order"):
+            names.append("perm")
         fields = {t: get(f"{lpath}.{t}") for t in names}
         used.update(f"{lpath}.{t}" for t in names)
         if lmeta["format"] == "int4":
             fields["group_size"] = lmeta["group_size"]
+            fields["bits"] = lmeta.get("bits", 4)
         try:
             canonical = fmt(**fields)
         except ValueError as e:

@@ -145,3 +145,34 @@ def test_config_rejects_unsupported_settings(kwargs, match):
 def test_config_round_trips_through_dict():
     cfg = RTNConfig(group_size=128, sym=True, skip=("a.*",), scale_dtype=torch.float16)
     assert RTNConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_act_order_perm_gathers_the_input_and_round_trips(tmp_path):
+    """A weight stored in a permuted input order (act_order) computes x @ W.T in the layer's order."""
+    import qcompile
+    from qcompile import lowering
+    from qcompile.formats import Int4Weight, pack_nibbles
+    from qcompile.modules import QuantLinear
+
+    gen = torch.Generator().manual_seed(0)
+    n, k, g = 48, 128, 32
+    w = Int4Weight(pack_nibbles(torch.randint(0, 8, (n, k), generator=gen)),
+                   torch.rand(n, k // g, generator=gen, dtype=torch.float64).half() + 0.01,
+                   torch.full((n, k // g), 4.0, dtype=torch.float16), g, bits=3,
+                   perm=torch.randperm(k, generator=gen))
+    stored = Int4Weight(w.qweight, w.scales, w.zeros, g, bits=3).dequantize(torch.float64)
+    w64 = w.dequantize(torch.float64)
+    assert torch.equal(w64[:, w.perm.long()], stored)  # stored[:, j] = W[:, perm[j]]
+    lin = QuantLinear(lowering.pack(w, "cpu"))
+    x = torch.randn(3, k, generator=gen)
+    ref = x.double() @ w64.t()
+    assert torch.allclose(lin(x).double(), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    model = torch.nn.Sequential(torch.nn.Linear(k, n, bias=False))
+    model[0] = lin
+    qcompile.save(model, tmp_path / "ck")
+    fresh = torch.nn.Sequential(torch.nn.Linear(k, n, bias=False))
+    qcompile.load(fresh, tmp_path / "ck")
+    assert fresh[0].format_meta["bits"] == 3 and torch.equal(fresh[0].perm, w.perm)
+    assert torch.equal(fresh[0](x), lin(x))
+    with pytest.raises(ValueError, match="perm"):
+        Int4Weight(w.qweight, w.scales, w.zeros, g, perm=torch.arange(k - 1))
