@@ -1,13 +1,17 @@
 """End-to-end greedy decode on the default model: float eager, float Inductor, qcompile, torchao.
 
     python benchmarks/bench_decode.py [--tokens 64] [--repeats 5] [--model smollm2]
+    python benchmarks/bench_decode.py --arch llama-1b     # random weights, no files needed (GPU)
 
 Every variant runs in this one process on a fresh copy of the model, so the ratios compare like
 with like (timings on a shared 2-core machine drift; compare ratios from one run). Per variant:
   first token  time of the first generate(max_new_tokens=1): quantization + compile of the prefill graph
   warm-up      the next generate of --tokens tokens (compiles the decode graphs)
   tok/s        --tokens / median time of --repeats generates after that
-Writes benchmarks/results/decode_<device>.md and .json. torchao runs when it is installed.
+Writes benchmarks/results/decode_<device>[_<arch>].md and .json. torchao runs when it is installed.
+--arch builds a named architecture with random weights (speed does not depend on the values; the
+text column is then meaningless) for machines without the model files, such as the GPU machine.
+Float baselines run in float32 on CPU and bfloat16 on CUDA (--dtype overrides).
 Inductor's on-disk caches are off (a warm cache would hide compile time); --warm-cache keeps them.
 """
 from __future__ import annotations
@@ -34,34 +38,63 @@ RESULTS = Path(__file__).parent / "results"
 PROMPT = "The history of the Roman Empire is"
 
 
+# Random-weight architectures (Hugging Face Llama configs) for --arch.
+ARCHS = {
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True),
+    "llama-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                     num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True),
+}
+
+
+def random_model(arch: str, dtype: torch.dtype, device: torch.device):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        return LlamaForCausalLM(LlamaConfig(**ARCHS[arch], max_position_embeddings=2048)).to(dtype).eval()
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def measure(name, make, tok, args, device):
     torch._dynamo.reset()  # each variant compiles from scratch, within the recompile limit
     model = make()
-    ids = tok(PROMPT, return_tensors="pt").input_ids.to(device)
-    gen = dict(do_sample=False, pad_token_id=tok.eos_token_id)
+    if tok is None:
+        ids = torch.randint(0, 1000, (1, 8), generator=torch.Generator().manual_seed(0)).to(device)
+        gen = dict(do_sample=False, pad_token_id=0)
+    else:
+        ids = tok(PROMPT, return_tensors="pt").input_ids.to(device)
+        gen = dict(do_sample=False, pad_token_id=tok.eos_token_id)
     with torch.no_grad():
         t0 = time.perf_counter()
         model.generate(ids, max_new_tokens=1, **gen)
+        synchronize(device)
         first = time.perf_counter() - t0
         t0 = time.perf_counter()
         out = model.generate(ids, max_new_tokens=args.tokens, min_new_tokens=args.tokens, **gen)
+        synchronize(device)
         warm = time.perf_counter() - t0
         times = []
         for _ in range(args.repeats):
             t0 = time.perf_counter()
             model.generate(ids, max_new_tokens=args.tokens, min_new_tokens=args.tokens, **gen)
+            synchronize(device)
             times.append(time.perf_counter() - t0)
     row = {"variant": name, "first_token_s": round(first, 1), "warmup_s": round(warm, 1),
            "tok_s": round(args.tokens / statistics.median(times), 1),
            "weight_MiB": round(model_bytes(getattr(model, "_orig_mod", model))["total"] / 2**20, 1),
-           "text": tok.decode(out[0, ids.shape[1]:ids.shape[1] + 16])}
+           "text": "-" if tok is None else tok.decode(out[0, ids.shape[1]:ids.shape[1] + 16])}
     print(f"  {name}: {row}", flush=True)
     return row
 
 
 def variants(args, device):
-    def fresh(dtype=torch.float32):
-        m, _ = load_model(args.model, dtype)
+    def fresh(dtype=args.dtype):
+        m = random_model(args.arch, dtype, device) if args.arch else load_model(args.model, dtype)[0]
         return m.to(device)
 
     def inductor():
@@ -77,7 +110,8 @@ def variants(args, device):
         qcompile.quantize(m, progress=False)
         return torch.compile(m, backend=qcompile)
 
-    out = [("float32 eager", fresh), ("float32 Inductor", inductor),
+    fname = str(args.dtype).removeprefix("torch.")
+    out = [(f"{fname} eager", fresh), (f"{fname} Inductor", inductor),
            ("qcompile (backend=qcompile)", qcompile_backend),
            ("qcompile (quantize + compile)", qcompile_ahead)]
     try:
@@ -100,13 +134,16 @@ def variants(args, device):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2")
+    p.add_argument("--arch", choices=sorted(ARCHS), help="random weights of this architecture instead of --model")
+    p.add_argument("--dtype", help="float baseline dtype (default float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--only", nargs="*", help="run only variants whose name contains one of these")
     p.add_argument("--warm-cache", action="store_true", help="keep Inductor's on-disk caches")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    _, tok = load_model(args.model)
+    args.dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    tok = None if args.arch else load_model(args.model)[1]
     rows = []
     for name, make in variants(args, device):
         if args.only and not any(o in name for o in args.only):
@@ -114,11 +151,12 @@ def main():
         print(f"{name} ...", flush=True)
         rows.append(measure(name, make, tok, args, device))
     base = rows[0]["tok_s"] if rows else 1
-    ind = next((r["tok_s"] for r in rows if "Inductor" in r["variant"] and "float" in r["variant"]), None)
-    lines = [f"# Greedy decode, {args.model}, {args.tokens} new tokens, median of {args.repeats} "
+    ind = next((r["tok_s"] for r in rows if r["variant"].endswith(" Inductor")), None)
+    what = f"{args.arch} (random weights)" if args.arch else args.model
+    lines = [f"# Greedy decode, {what}, {args.tokens} new tokens, median of {args.repeats} "
              f"({device}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
              f"{torch.get_num_threads()} threads)", "",
-             "| variant | tok/s | vs fp32 eager | vs fp32 Inductor | first token (s) | warm-up (s) | weights MiB | text |",
+             f"| variant | tok/s | vs {rows[0]['variant'] if rows else 'eager'} | vs float Inductor | first token (s) | warm-up (s) | weights MiB | text |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         vs_ind = f"{r['tok_s'] / ind:.2f}x" if ind else "-"
@@ -127,8 +165,9 @@ def main():
     table = "\n".join(lines)
     print("\n" + table)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"decode_{device.type}.md").write_text(table + "\n")
-    (RESULTS / f"decode_{device.type}.json").write_text(json.dumps(rows, indent=1))
+    stem = f"decode_{device.type}" + (f"_{args.arch}" if args.arch else "")
+    (RESULTS / f"{stem}.md").write_text(table + "\n")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":
