@@ -92,8 +92,13 @@ def _compile(fn, *args, **compile_kwargs):
     from torch._inductor.utils import run_and_get_code
 
     y, codes = run_and_get_code(torch.compile(fn, **compile_kwargs), *args)
-    code = "\n".join(codes)
+    code = _without_comments(codes)
     return y, code, [line for line in code.splitlines() if line.startswith("def triton")]
+
+
+def _without_comments(codes) -> str:
+    """Inductor's output code minus comments (they name the source ops, e.g. int4_mm_kernel)."""
+    return "\n".join(line for c in codes for line in c.splitlines() if not line.lstrip().startswith("#"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
@@ -127,7 +132,7 @@ def test_compile_3d_input_with_residual_and_dynamic_batch():
         r = torch.randn(2, seq, n, device="cuda", dtype=torch.bfloat16)
         if i == 0:
             y, codes = run_and_get_code(fn, x, r)
-            assert inductor_int4.TEMPLATE_MARKER in "\n".join(codes)
+            assert inductor_int4.TEMPLATE_MARKER in _without_comments(codes)
         else:
             y = fn(x, r)
         _assert_close(y, x, w, g, epilogue=lambda y: y + r.reshape(-1, n).double())
@@ -159,16 +164,20 @@ def test_llama_through_the_backend_on_cuda(dtype):
     from tests.test_backend import MINMAX, fake_quantized
 
     model = tiny_llama(hidden_size=512, intermediate_size=1024, vocab_size=512)
-    ref = fake_quantized(model).to("cuda", torch.float64)
-    model = model.to("cuda", dtype)
+    deq = fake_quantized(model)
+    ref = deq.to("cuda", torch.float64)
     ids = torch.randint(0, 512, (2, 24), device="cuda")
+    expect = ref(ids).logits
+    # yardstick: the same dequantized model run eagerly in `dtype` (its attention, norms and
+    # residuals round too); the compiled int4 path may not be much worse than that
+    eager_err = (deq.to("cuda", dtype)(ids).logits.double() - expect).norm() / expect.norm()
+    model = model.to("cuda", dtype)
     reports = []
     compiled = torch.compile(model, backend=qcompile.Backend(MINMAX, reports=reports))
     out, codes = run_and_get_code(lambda: compiled(ids).logits)
-    code = "\n".join(codes)
-    expect = ref(ids).logits
+    code = _without_comments(codes)
     rel = (out.double() - expect).norm() / expect.norm()
-    assert rel < 2e-2, f"relative error {rel:.3g}"  # fp16/bf16 activations through 2 layers
+    assert rel < 2 * eager_err + 1e-3, f"relative error {rel:.3g}, eager {dtype} {eager_err:.3g}"
     assert all(x.op == "qcompile::int4_mm" for x in reports[0].linears)
     assert code.count(inductor_int4.TEMPLATE_MARKER) >= 1, "the int4 template was not used"
     assert "torch.ops.qcompile.int4_mm" not in code
