@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU-only checks of the int4 CUDA path, from a source tree (no pip install needed):
 #     benchmarks/run_gpu_checks.sh OUT_DIR
-# Runs tests/test_gpu_int4.py, the interpreter tests, and the kernel benchmark; logs, the table and
+# Runs tests/test_gpu_int4.py and the kernel benchmark (the TRITON_INTERPRET tests are CPU CI's:
+# triton 3.6's interpreter fails under numpy >= 2.5, as on the GPU image); logs, the table and
 # the plot land in OUT_DIR. Exits non-zero if any step failed.
 set -uo pipefail
 out=${1:?usage: $0 OUT_DIR}
@@ -14,7 +15,6 @@ status=0
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, \
 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name())" 2>&1 | tee "$out/versions.log"
 python -m pytest tests/test_gpu_int4.py -m gpu -v -rs 2>&1 | tee "$out/test_gpu_int4.log" || status=1
-python -m pytest tests/test_triton_int4.py -v 2>&1 | tee "$out/test_triton_int4.log" || status=1
 python benchmarks/bench_kernels.py 2>&1 | tee "$out/bench_kernels.log" || status=1
 cp benchmarks/results/kernels_cuda.md benchmarks/results/kernels_cuda.png "$out/" 2>/dev/null
 exit $status
