@@ -16,10 +16,20 @@ def source_name(source) -> str:
     return name() if callable(name) else name
 
 
-def compile_with_inductor(gm, example_inputs, config_patches: dict):
-    """AOTAutograd + Inductor on a Dynamo graph (takes ownership of `gm`)."""
+def compile_with_inductor(gm, example_inputs, config_patches: dict, num_added: int = 0):
+    """AOTAutograd + Inductor on a Dynamo graph (takes ownership of `gm`).
+
+    The last `num_added` inputs are tensors a pass added (quantized weights). Dynamo knows no
+    source for them, so AOTAutograd would give their sizes fresh symbols that no guard can be
+    built for (a failed guard, seen on CUDA where Inductor asks whether 32-bit indexing is safe);
+    they are handed over as static-shaped fake tensors of Dynamo's fake mode instead.
+    """
     from torch._inductor.compile_fx import compile_fx
 
+    ctx = torch._guards.TracingContext.try_get()
+    if num_added and ctx is not None and ctx.fake_mode is not None:
+        head, added = list(example_inputs[:-num_added]), example_inputs[-num_added:]
+        example_inputs = head + [ctx.fake_mode.from_tensor(t, static_shapes=True) for t in added]
     return compile_fx(gm, example_inputs, config_patches=config_patches)
 
 

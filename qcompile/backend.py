@@ -69,7 +69,7 @@ class Backend:
         if not self.inductor:
             return (lambda *args: gm(*args, *extra)) if extra else gm.forward
         patches = {**_compat.mode_options(mode), "post_grad_custom_post_pass": _cache_salt(), **options}
-        compiled = _compat.compile_with_inductor(gm, list(example_inputs) + extra, patches)
+        compiled = _compat.compile_with_inductor(gm, list(example_inputs) + extra, patches, len(extra))
         return _append_inputs(compiled, extra)
 
 

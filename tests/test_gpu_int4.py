@@ -163,8 +163,8 @@ def test_llama_through_the_backend_on_cuda(dtype):
     from tests.conftest import tiny_llama
     from tests.test_backend import MINMAX, fake_quantized
 
-    model = tiny_llama(hidden_size=512, intermediate_size=1024, vocab_size=512)
-    deq = fake_quantized(model)
+    model = tiny_llama(hidden_size=512, intermediate_size=1024, vocab_size=512).to(dtype)
+    deq = fake_quantized(model).float()  # quantized from the same dtype-rounded weights the backend sees
     ref = deq.to("cuda", torch.float64)
     ids = torch.randint(0, 512, (2, 24), device="cuda")
     expect = ref(ids).logits
