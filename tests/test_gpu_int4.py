@@ -168,16 +168,19 @@ def test_llama_through_the_backend_on_cuda(dtype):
     ref = deq.to("cuda", torch.float64)
     ids = torch.randint(0, 512, (2, 24), device="cuda")
     expect = ref(ids).logits
-    # yardstick: the same dequantized model run eagerly in `dtype` (its attention, norms and
-    # residuals round too); the compiled int4 path may not be much worse than that
-    eager_err = (deq.to("cuda", dtype)(ids).logits.double() - expect).norm() / expect.norm()
+    # yardstick: the same dequantized model compiled by plain Inductor in `dtype` (its attention,
+    # norms and residuals round as the qcompile graph's do); qcompile may not be much worse
+    torch._dynamo.reset()
+    float_compiled = torch.compile(deq.to("cuda", dtype))(ids).logits.double()
+    eager_err = (float_compiled - expect).norm() / expect.norm()
+    torch._dynamo.reset()
     model = model.to("cuda", dtype)
     reports = []
     compiled = torch.compile(model, backend=qcompile.Backend(MINMAX, reports=reports))
     out, codes = run_and_get_code(lambda: compiled(ids).logits)
     code = _without_comments(codes)
     rel = (out.double() - expect).norm() / expect.norm()
-    assert rel < 2 * eager_err + 1e-3, f"relative error {rel:.3g}, eager {dtype} {eager_err:.3g}"
+    assert rel < 2 * eager_err + 1e-3, f"relative error {rel:.3g}, float Inductor {dtype} {eager_err:.3g}"
     assert all(x.op == "qcompile::int4_mm" for x in reports[0].linears)
     assert inductor_int4.TEMPLATE_MARKER in "\n".join(codes), "the int4 template was not used"
     assert "torch.ops.qcompile.int4_mm" not in code
