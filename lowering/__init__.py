@@ -10,7 +10,7 @@ import warnings
 
 import torch
 
-from qcompile.formats import Int4Weight, Int8Weight
+from qcompile.formats import Int4Weight, Int8Weight, LutWeight
 from qcompile.ops import KERNEL_LOADERS, PackedLinear
 
 from . import cpu_kernels
@@ -41,12 +41,12 @@ def unsupported_reason(fmt: str, out_features: int, in_features: int, group_size
             except NotImplementedError as e:
                 return str(e)
         return None
-    if fmt == "int8":
-        return None
+    if fmt in ("int8", "lut"):
+        return None if fmt == "int8" or in_features % 2 == 0 else f"lut codes pack two per byte: in_features {in_features} must be even"
     return f"no kernel for format {fmt!r}"
 
 
-def pack(weight: Int4Weight | Int8Weight, device: torch.device | str) -> PackedLinear:
+def pack(weight: Int4Weight | Int8Weight | LutWeight, device: torch.device | str) -> PackedLinear:
     """The weight on `device`, with the op that multiplies by it."""
     device = torch.device(device)
     if isinstance(weight, Int4Weight):
@@ -57,10 +57,15 @@ def pack(weight: Int4Weight | Int8Weight, device: torch.device | str) -> PackedL
     if isinstance(weight, Int8Weight):
         w = Int8Weight(weight.qweight.to(device), weight.scales.to(device))
         return PackedLinear("int8", w.tensors(), (), w.in_features, w.out_features, w.meta())
+    if isinstance(weight, LutWeight):
+        if weight.outliers is not None:
+            raise NotImplementedError("no kernel runs lookup-table weights with a sparse outlier part yet")
+        w = LutWeight(weight.codes.to(device), weight.tables.to(device), weight.bits)
+        return PackedLinear("lut", w.tensors(), (), w.in_features, w.out_features, w.meta())
     raise TypeError(f"no kernel layout for {type(weight).__name__}")
 
 
-def unpack(packed: PackedLinear) -> Int4Weight | Int8Weight:
+def unpack(packed: PackedLinear) -> Int4Weight | Int8Weight | LutWeight:
     """The canonical format back (on the layout's device)."""
     t = packed.tensors
     if packed.layout == "int4":
@@ -68,4 +73,6 @@ def unpack(packed: PackedLinear) -> Int4Weight | Int8Weight:
                           packed.perm)
     if packed.layout == "int8":
         return Int8Weight(t["qweight"], t["scales"])
+    if packed.layout == "lut":
+        return LutWeight(t["codes"], t["tables"], packed.meta["bits"])
     raise ValueError(f"unknown layout {packed.layout!r}")

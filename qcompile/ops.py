@@ -51,6 +51,8 @@ _lib.define("int4_mm(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int 
 _lib.define("int4_mm_kernel(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor")
 _lib.define("int8_mm(Tensor x, Tensor qweight, Tensor scales) -> Tensor")
 _lib.define("int8_mm_kernel(Tensor x, Tensor qweight, Tensor scales) -> Tensor")
+_lib.define("lut_mm(Tensor x, Tensor codes, Tensor tables) -> Tensor")
+_lib.define("lut_mm_kernel(Tensor x, Tensor codes, Tensor tables) -> Tensor")
 _lib.define("int8_embedding(Tensor ids, Tensor qweight, Tensor scales, ScalarType dtype) -> Tensor")
 
 # device type -> loader of its compiled kernels (set by qcompile.lowering; called on first use)
@@ -134,6 +136,46 @@ def int8_mm(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
     return torch.ops.qcompile.int8_mm_kernel(x, qweight, scales)
 
 
+# --- lut (per-row lookup tables, GANQ) ------------------------------------------------------------
+def dequantize_lut(codes: Tensor, tables: Tensor, dtype: torch.dtype) -> Tensor:
+    return tables.to(dtype).gather(1, unpack_nibbles(codes).long())
+
+
+def lut_mm_reference(x: Tensor, codes: Tensor, tables: Tensor) -> Tensor:
+    """x [..., K] @ W.T with W[n, k] = tables[n, codes[n, k]]: dequantize, then matmul (any device)."""
+    _check_input("lut_mm", x, 2 * codes.shape[1])
+    return x @ dequantize_lut(codes, tables, x.dtype).t()
+
+
+@torch.library.register_fake("qcompile::lut_mm_kernel")
+def _(x, codes, tables):
+    _check_input("lut_mm", x, 2 * codes.shape[1])
+    return x.new_empty(*x.shape[:-1], codes.shape[0])
+
+
+class _LutMM(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, codes, tables):
+        ctx.save_for_backward(codes, tables)
+        return torch.ops.qcompile.lut_mm_kernel(x, codes, tables)
+
+    @staticmethod
+    def backward(ctx, grad):
+        codes, tables = ctx.saved_tensors
+        return grad @ dequantize_lut(codes, tables, grad.dtype), None, None
+
+
+def lut_mm(x: Tensor, codes: Tensor, tables: Tensor) -> Tensor:
+    """x [..., K] @ W.T for W in the per-row lookup-table layout (`qcompile.formats.lut`)."""
+    _check_input("lut_mm", x, 2 * codes.shape[1])
+    if tables.shape[0] != codes.shape[0]:
+        raise ValueError(f"qcompile::lut_mm: {tables.shape[0]} tables for {codes.shape[0]} rows of codes")
+    _load_kernels(x.device)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _LutMM.apply(x, codes, tables)
+    return torch.ops.qcompile.lut_mm_kernel(x, codes, tables)
+
+
 def int8_embedding(ids: Tensor, qweight: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
     """Rows `ids` of an int8 table, dequantized to `dtype` (an embedding tied to an int8 lm_head)."""
     return qweight[ids].to(dtype) * scales[ids].to(dtype).unsqueeze(-1)
@@ -144,6 +186,8 @@ _lib.impl("int4_mm_kernel", int4_mm_reference, "CompositeExplicitAutograd")
 _lib.impl("int8_mm_kernel", int8_mm_reference, "CompositeExplicitAutograd")
 _lib.impl("int4_mm", int4_mm, "CompositeImplicitAutograd")
 _lib.impl("int8_mm", int8_mm, "CompositeImplicitAutograd")
+_lib.impl("lut_mm_kernel", lut_mm_reference, "CompositeExplicitAutograd")
+_lib.impl("lut_mm", lut_mm, "CompositeImplicitAutograd")
 _lib.impl("int8_embedding", int8_embedding, "CompositeImplicitAutograd")
 
 
@@ -151,6 +195,7 @@ _lib.impl("int8_embedding", int8_embedding, "CompositeImplicitAutograd")
 LAYOUT_OPS = {
     "int4": torch.ops.qcompile.int4_mm.default,
     "int8": torch.ops.qcompile.int8_mm.default,
+    "lut": torch.ops.qcompile.lut_mm.default,
 }
 QUANTIZED_LINEAR_OPS = frozenset(LAYOUT_OPS.values())
 
