@@ -50,7 +50,7 @@ def save(model: nn.Module, path: str | Path) -> Path:
     for name, mod in model.named_modules():
         if isinstance(mod, QuantLinear):
             canonical = lowering.unpack(mod.packed_weight())
-            for tname, t in canonical.tensors().items():
+            for tname, t in getattr(canonical, "file_tensors", canonical.tensors)().items():
                 tensors[f"{name}.{tname}"] = t.detach().cpu().contiguous()
             if mod.bias is not None:
                 tensors[f"{name}.bias"] = mod.bias.detach().cpu().contiguous()
@@ -144,18 +144,24 @@ def load(model: nn.Module, path: str | Path, *, device: torch.device | str | Non
         have = (mod.out_features, mod.in_features) if hasattr(mod, "out_features") else tuple(reversed(mod.weight.shape))
         if tuple(have) != (n, k):
             raise CheckpointError(f"layer {lpath}: checkpoint is {n}x{k} (out x in), model has {have[0]}x{have[1]}")
-        fmt = FORMATS[lmeta["format"]]
-        names = ["qweight", "scales", "zeros"] if lmeta["format"] == "int4" else ["qweight", "scales"]
-        if lmeta.get("act_order"):
-            names.append("perm")
+        fmt = FORMATS.get(lmeta["format"])
+        if fmt is None:
+            raise CheckpointError(f"layer {lpath}: unknown format {lmeta['format']!r} (this qcompile reads "
+                                  f"{sorted(FORMATS)}); the checkpoint is from a newer qcompile")
+        if lmeta["format"] == "lut":
+            names = ["codes", "tables"] + (["outlier_rows", "outlier_cols", "outlier_values"] if lmeta.get("outliers") else [])
+        else:
+            names = ["qweight", "scales", "zeros"] if lmeta["format"] == "int4" else ["qweight", "scales"]
+            if lmeta.get("act_order"):
+                names.append("perm")
         fields = {t: get(f"{lpath}.{t}") for t in names}
         used.update(f"{lpath}.{t}" for t in names)
         if lmeta["format"] == "int4":
             fields["group_size"] = lmeta["group_size"]
             fields["bits"] = lmeta.get("bits", 4)
         try:
-            canonical = fmt(**fields)
-        except ValueError as e:
+            canonical = fmt.from_file(fields, lmeta) if hasattr(fmt, "from_file") else fmt(**fields)
+        except (ValueError, RuntimeError) as e:
             raise CheckpointError(f"layer {lpath}: {e}") from None
         bias = get(f"{lpath}.bias") if lmeta["bias"] else None
         if bias is not None:

@@ -82,6 +82,23 @@ class LutWeight:
             t.update(zip(("outlier_rows", "outlier_cols", "outlier_values"), self.outliers))
         return t
 
+    def file_tensors(self) -> dict[str, Tensor]:
+        """The tensors as saved: 3-bit codes packed eight to three bytes."""
+        t = self.tensors()
+        if self.bits == 3:
+            t["codes"] = pack_codes(unpack_nibbles(self.codes), 3)
+        return t
+
+    @staticmethod
+    def from_file(tensors: dict[str, Tensor], meta: dict) -> "LutWeight":
+        codes = tensors["codes"]
+        if meta["bits"] == 3:
+            codes = pack_nibbles(unpack_codes(codes, 3, meta["in_features"]))
+        outliers = None
+        if "outlier_rows" in tensors:
+            outliers = (tensors["outlier_rows"], tensors["outlier_cols"], tensors["outlier_values"])
+        return LutWeight(codes, tensors["tables"], meta["bits"], outliers)
+
     def meta(self) -> dict:
         return {"format": self.format_name, "bits": self.bits, "group_size": None,
                 "table_entries": 2**self.bits, "outliers": 0 if self.outliers is None else int(self.outliers[0].numel()),
