@@ -5,6 +5,7 @@
 //   int4: qweight uint8 [N, K/2], byte j of row n holds k = 2j (low nibble) and k = 2j+1 (high);
 //         w[n,k] = s[n,g] * (q[n,k] - z[n,g]),  g = k / group
 //   int8: qweight int8 [N, K], w[n,k] = s[n] * q[n,k]
+//   lut:  codes uint8 [N, K/2] as int4, tables [N, L <= 16], w[n,k] = T[n, q[n,k]]
 // Scales and zero-points may be float32, float16 or bfloat16; activations any float type.
 // Arithmetic is float32 (float64 inputs get a float64 dequantize + matmul).
 //
@@ -201,6 +202,96 @@ void int8_dequant(const int8_t* qw, const Params& s, int64_t K, int64_t n0, int6
   });
 }
 
+// --- lut (per-row lookup table) GEMV -----------------------------------------------------------
+// w[n,k] = T[n, q[n,k]] with a table of up to 16 floats per row. With AVX2 the table sits in two
+// registers (entries 0-7 and 8-15); a code's low three bits pick a lane of both (vpermps) and its
+// bit 3 picks the register (blend on the sign bit after shifting it up). Layout as int4: nibbles,
+// k = 2j low, so even and odd columns multiply the even/odd halves of x.
+template <int R>
+void lut_row(const uint8_t* row, const float* const* xe, const float* const* xo, int64_t hk,
+             const float* table, bool wide, float* out) {
+  float total[R] = {};
+  int64_t j = 0;
+#ifdef __AVX2__
+  const __m256 tlo = _mm256_loadu_ps(table), thi = _mm256_loadu_ps(table + 8);
+  const __m256i low = _mm256_set1_epi32(15);
+  __m256 a[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < 4; ++i) a[r][i] = _mm256_setzero_ps();
+  auto look = [&](__m256i c) {
+    const __m256 v = _mm256_permutevar8x32_ps(tlo, c);
+    if (!wide) return v;  // 2- and 3-bit codes never reach entry 8
+    return _mm256_blendv_ps(v, _mm256_permutevar8x32_ps(thi, c), _mm256_castsi256_ps(_mm256_slli_epi32(c, 28)));
+  };
+  for (; j + 16 <= hk; j += 16) {
+    const __m256i v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + j)));
+    const __m256i v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + j + 8)));
+    const __m256 l0 = look(_mm256_and_si256(v0, low)), h0 = look(_mm256_srli_epi32(v0, 4));
+    const __m256 l1 = look(_mm256_and_si256(v1, low)), h1 = look(_mm256_srli_epi32(v1, 4));
+    for (int r = 0; r < R; ++r) {
+      a[r][0] = _mm256_fmadd_ps(l0, _mm256_loadu_ps(xe[r] + j), a[r][0]);
+      a[r][1] = _mm256_fmadd_ps(h0, _mm256_loadu_ps(xo[r] + j), a[r][1]);
+      a[r][2] = _mm256_fmadd_ps(l1, _mm256_loadu_ps(xe[r] + j + 8), a[r][2]);
+      a[r][3] = _mm256_fmadd_ps(h1, _mm256_loadu_ps(xo[r] + j + 8), a[r][3]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    total[r] = hsum(_mm256_add_ps(_mm256_add_ps(a[r][0], a[r][1]), _mm256_add_ps(a[r][2], a[r][3])));
+#endif
+  for (; j < hk; ++j)
+    for (int r = 0; r < R; ++r) total[r] += table[row[j] & 15] * xe[r][j] + table[row[j] >> 4] * xo[r][j];
+  for (int r = 0; r < R; ++r) out[r] = total[r];
+}
+
+void lut_gemv(const float* x, int64_t M, int64_t K, const uint8_t* codes, const Params& t, int64_t L,
+              int64_t N, float* y) {
+  const int64_t hk = K / 2;
+  std::vector<float> xe(M * hk), xo(M * hk);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t j = 0; j < hk; ++j) {
+      xe[m * hk + j] = x[m * K + 2 * j];
+      xo[m * hk + j] = x[m * K + 2 * j + 1];
+    }
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    float table[16] = {};
+    for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t e = 0; e < L; ++e) table[e] = t[n * L + e];
+      const uint8_t* row = codes + n * hk;
+      int64_t m = 0;
+      for (; m + 2 <= M; m += 2) {
+        const float* e[2] = {&xe[m * hk], &xe[(m + 1) * hk]};
+        const float* o[2] = {&xo[m * hk], &xo[(m + 1) * hk]};
+        float out[2];
+        lut_row<2>(row, e, o, hk, table, L > 8, out);
+        y[m * N + n] = out[0];
+        y[(m + 1) * N + n] = out[1];
+      }
+      if (m < M) {
+        const float* e[1] = {&xe[m * hk]};
+        const float* o[1] = {&xo[m * hk]};
+        lut_row<1>(row, e, o, hk, table, L > 8, &y[m * N + n]);
+      }
+    }
+  });
+}
+
+template <typename T>
+void lut_dequant(const uint8_t* codes, const Params& t, int64_t L, int64_t K, int64_t n0, int64_t n1, T* out) {
+  const int64_t hk = K / 2;
+  at::parallel_for(n0, n1, 16, [&](int64_t a, int64_t b) {
+    T table[16] = {};
+    for (int64_t n = a; n < b; ++n) {
+      for (int64_t e = 0; e < L; ++e) table[e] = static_cast<T>(t[n * L + e]);
+      const uint8_t* row = codes + n * hk;
+      T* o = out + (n - n0) * K;
+      for (int64_t j = 0; j < hk; ++j) {
+        o[2 * j] = table[row[j] & 15];
+        o[2 * j + 1] = table[row[j] >> 4];
+      }
+    }
+  });
+}
+
 // --- the ops ------------------------------------------------------------------------------------
 std::vector<int64_t> out_shape(const at::Tensor& x, int64_t n) {
   auto shape = x.sizes().vec();
@@ -279,9 +370,38 @@ at::Tensor int8_mm_cpu(const at::Tensor& x, const at::Tensor& qweight, const at:
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
+at::Tensor lut_mm_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& tables) {
+  const int64_t n = codes.size(0), k = 2 * codes.size(1), L = tables.size(1);
+  TORCH_CHECK(x.size(-1) == k, "qcompile::lut_mm: input has ", x.size(-1), " features, the weight expects ", k);
+  TORCH_CHECK(codes.scalar_type() == at::kByte, "qcompile::lut_mm: codes must be uint8");
+  TORCH_CHECK(tables.dim() == 2 && tables.size(0) == n && L >= 1 && L <= 16,
+              "qcompile::lut_mm: tables must be [", n, ", <= 16], got ", tables.sizes());
+  const auto cw = codes.contiguous();
+  const auto t_t = readable(tables);
+  const Params t{t_t.data_ptr(), t_t.scalar_type()};
+  const int64_t m = x.numel() / k;
+  if (x.scalar_type() == at::kDouble) {
+    return prefill(x.reshape({m, k}), n, k, [&](int64_t n0, int64_t n1, at::Tensor& w) {
+             lut_dequant<double>(cw.data_ptr<uint8_t>(), t, L, k, n0, n1, w.data_ptr<double>());
+           }).view(out_shape(x, n));
+  }
+  const auto xf = x.to(at::kFloat).contiguous();
+  at::Tensor y;
+  if (m <= GEMV_MAX_ROWS) {
+    y = at::empty(out_shape(x, n), xf.options());
+    lut_gemv(xf.data_ptr<float>(), m, k, cw.data_ptr<uint8_t>(), t, L, n, y.data_ptr<float>());
+  } else {
+    y = prefill(xf.reshape({m, k}), n, k, [&](int64_t n0, int64_t n1, at::Tensor& w) {
+          lut_dequant<float>(cw.data_ptr<uint8_t>(), t, L, k, n0, n1, w.data_ptr<float>());
+        }).view(out_shape(x, n));
+  }
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(qcompile, CPU, m) {
   m.impl("int4_mm_kernel", &int4_mm_cpu);
   m.impl("int8_mm_kernel", &int8_mm_cpu);
+  m.impl("lut_mm_kernel", &lut_mm_cpu);
 }

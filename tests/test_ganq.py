@@ -131,3 +131,23 @@ def test_three_bit_codes_pack_densely_and_round_trip(tmp_path):
     assert torch.equal(fresh[0](x), model(x))
     from safetensors.torch import load_file
     assert load_file(tmp_path / "ck" / "model.safetensors")["0.codes"].shape == (6, 24)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("m", [1, 2, 3, 9])  # GEMV with one and two rows at a time, and the GEMM path
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_cpu_lut_kernel_matches_float64(bits, m, dtype):
+    """The CPU kernel (float32 math) vs x @ T[q].T in float64; bound: K unit roundoffs of float32
+    on |x| @ |W|.T, plus one rounding of the output in x's dtype."""
+    gen = torch.Generator().manual_seed(m + 10 * bits)
+    n, k = 96, 160  # k: a 16-byte SIMD body plus a scalar tail
+    w = LutWeight(pack_nibbles(torch.randint(0, 2**bits, (n, k), generator=gen)),
+                  torch.randn(n, 2**bits, generator=gen).to(torch.bfloat16), bits)
+    x = torch.randn(2, m, k, generator=gen).to(dtype)
+    y = torch.ops.qcompile.lut_mm(x, w.codes, w.tables)
+    w64 = w.dequantize(torch.float64)
+    ref = x.double() @ w64.t()
+    u = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float64: 2.0**-52}[dtype]
+    tol = (k * 2.0**-24) * (x.double().abs() @ w64.abs().t()) + u * ref.abs() + 1e-300
+    assert y.dtype == dtype and y.shape == (2, m, n)
+    assert ((y.double() - ref).abs() <= tol).all()
