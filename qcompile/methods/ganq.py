@@ -19,6 +19,7 @@ The best (lowest error) iterate is kept: the S-step is greedy, so an iteration c
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -46,16 +47,27 @@ def _cholesky_lower(h: Tensor, damp: float) -> tuple[Tensor, float]:
     raise torch.linalg.LinAlgError(f"H is not positive definite even with damping {damp / 10:g} x mean(diag)")
 
 
+@contextmanager
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def output_error(w: Tensor, w_hat: Tensor, h: Tensor) -> Tensor:
     """Per-row r H r^T (the layer's squared output error on the calibration inputs, up to a scale)."""
     r = w - w_hat
     return ((r @ h) * r).sum(1)
 
 
-def initial_tables(w: Tensor, importance: Tensor, levels: int, iters: int = 8) -> Tensor:
+def initial_tables(w: Tensor, importance: Tensor, levels: int, iters: int = 6) -> Tensor:
     """Per-row importance-weighted 1-D k-means, started from quantiles. [m, levels] float32."""
-    q = (torch.arange(levels, dtype=w.dtype, device=w.device) + 0.5) / levels
-    tables = torch.quantile(w, q, dim=1).t().contiguous()
+    n = w.shape[1]
+    at = ((torch.arange(levels, device=w.device) + 0.5) * n / levels).long().clamp_max(n - 1)
+    tables = w.sort(dim=1).values[:, at].contiguous()
     imp = importance.clamp_min(1e-12)[None, :].expand_as(w)
     for _ in range(iters):
         codes = nearest(w, tables)
@@ -91,26 +103,30 @@ def assign_codes(w: Tensor, tables: Tensor, lower: Tensor, block: int = 128) -> 
 
 
     Works on transposed copies (column j of W is row j there) so each step touches contiguous
-    memory; the per-column loop is the reference's, the cross-block update one matmul."""
+    memory; the per-column loop is the reference's, the cross-block update one matmul. `tables`
+    must be sorted per row. Rows that share H (q/k/v, gate/up) are best done in one call."""
     m, n = w.shape
     wt = w.t().contiguous()
     lower_t = lower.t().contiguous()  # lower_t[j, u] = L[u, j]
     codes_t = torch.empty(n, m, dtype=torch.long, device=w.device)
     carry = torch.zeros(n, m, dtype=w.dtype, device=w.device)  # sum_{u > j, u done} r_u L[u, j]
-    diag = lower.diagonal().tolist()
-    rows = torch.arange(m, device=w.device)
-    for end in range(n, 0, -block):
-        start = max(0, end - block)
-        resid = torch.empty(end - start, m, dtype=w.dtype, device=w.device)
-        for j in range(end - 1, start - 1, -1):
-            target = torch.add(wt[j], carry[j], alpha=1.0 / diag[j])
-            c = (target[:, None] - tables).abs_().argmin(1)  # (per-row searchsorted is slower here)
-            codes_t[j] = c
-            r = torch.sub(wt[j], tables[rows, c], out=resid[j - start])
-            if j > start:  # within the block: the columns still to do
-                carry[start:j].addmm_(lower_t[start:j, j, None], r[None, :])  # (addr_ is slow here)
-        if start > 0:  # the whole block at once for every earlier column
-            carry[:start].addmm_(lower_t[:start, start:end], resid)
+    inv_diag = (1.0 / lower.diagonal()).tolist()
+    midpoints = ((tables[:, 1:] + tables[:, :-1]) / 2).contiguous()  # tables are sorted per row
+    flat = tables.reshape(-1)
+    offsets = torch.arange(m, device=w.device) * tables.shape[1]
+    with _one_thread():  # hundreds of tiny ops per block: threads cost more than they give
+        for end in range(n, 0, -block):
+            start = max(0, end - block)
+            resid = torch.empty(end - start, m, dtype=w.dtype, device=w.device)
+            for j in range(end - 1, start - 1, -1):
+                target = torch.add(wt[j], carry[j], alpha=inv_diag[j])
+                c = (target[:, None] > midpoints).sum(1)  # nearest entry of a sorted table
+                codes_t[j] = c
+                r = torch.sub(wt[j], flat[offsets + c], out=resid[j - start])
+                if j > start:  # within the block: the columns still to do
+                    carry[start:j].addmm_(lower_t[start:j, j, None], r[None, :])  # (addr_ is slow here)
+            if start > 0:  # the whole block at once for every earlier column
+                carry[:start].addmm_(lower_t[:start, start:end], resid)
     return codes_t.t().contiguous()
 
 
