@@ -42,6 +42,8 @@ def unsupported_reason(fmt: str, out_features: int, in_features: int, group_size
                 return str(e)
         return None
     if fmt == "int8":
+        if group_size is not None and (group_size <= 0 or in_features % group_size):
+            return f"int8 group size {group_size} does not divide in_features {in_features}"
         return None
     return f"no kernel for format {fmt!r}"
 
@@ -55,8 +57,11 @@ def pack(weight: Int4Weight | Int8Weight, device: torch.device | str) -> PackedL
         tensors = {n: t for n, t in w.tensors().items() if n != "perm"}
         return PackedLinear("int4", tensors, (w.group_size,), w.in_features, w.out_features, w.meta(), w.perm)
     if isinstance(weight, Int8Weight):
-        w = Int8Weight(weight.qweight.to(device), weight.scales.to(device))
-        return PackedLinear("int8", w.tensors(), (), w.in_features, w.out_features, w.meta())
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        w = Int8Weight(move(weight.qweight), move(weight.scales), move(weight.zeros), weight.group_size,
+                       move(weight.perm))
+        tensors = {n: t for n, t in w.tensors().items() if n != "perm"}  # op(x, qweight, scales[, zeros])
+        return PackedLinear("int8", tensors, (), w.in_features, w.out_features, w.meta(), w.perm)
     raise TypeError(f"no kernel layout for {type(weight).__name__}")
 
 
@@ -67,5 +72,5 @@ def unpack(packed: PackedLinear) -> Int4Weight | Int8Weight:
         return Int4Weight(t["qweight"], t["scales"], t["zeros"], packed.consts[0], packed.meta.get("bits", 4),
                           packed.perm)
     if packed.layout == "int8":
-        return Int8Weight(t["qweight"], t["scales"])
+        return Int8Weight(t["qweight"], t["scales"], t.get("zeros"), packed.meta.get("group_size"), packed.perm)
     raise ValueError(f"unknown layout {packed.layout!r}")

@@ -144,14 +144,18 @@ def load(model: nn.Module, path: str | Path, *, device: torch.device | str | Non
         have = (mod.out_features, mod.in_features) if hasattr(mod, "out_features") else tuple(reversed(mod.weight.shape))
         if tuple(have) != (n, k):
             raise CheckpointError(f"layer {lpath}: checkpoint is {n}x{k} (out x in), model has {have[0]}x{have[1]}")
+        if lmeta.get("format") not in FORMATS:
+            raise CheckpointError(f"layer {lpath}: unknown format {lmeta.get('format')!r} (this qcompile reads {sorted(FORMATS)})")
         fmt = FORMATS[lmeta["format"]]
-        names = ["qweight", "scales", "zeros"] if lmeta["format"] == "int4" else ["qweight", "scales"]
+        names = ["qweight", "scales"]
+        if lmeta["format"] == "int4" or lmeta.get("zeros"):  # int8 without "zeros" (older files): symmetric
+            names.append("zeros")
         if lmeta.get("act_order"):
             names.append("perm")
         fields = {t: get(f"{lpath}.{t}") for t in names}
         used.update(f"{lpath}.{t}" for t in names)
+        fields["group_size"] = lmeta.get("group_size")
         if lmeta["format"] == "int4":
-            fields["group_size"] = lmeta["group_size"]
             fields["bits"] = lmeta.get("bits", 4)
         try:
             canonical = fmt(**fields)
