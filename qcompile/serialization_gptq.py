@@ -184,15 +184,17 @@ def save_gptq(model: nn.Module, path: Path, zero_format: str = "gptq") -> Path:
             tensors[f"{name}.weight"] = lowering.unpack(head.packed_weight()).dequantize(mod.dtype).cpu().contiguous()
     if not layers:
         raise ValueError("model has no quantized layers: call qcompile.quantize(model) or qcompile.load first")
+    # Tied tensors are stored once only where the config makes Hugging Face re-tie them on load.
+    retied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
     seen = set()
     for name, t in model.state_dict().items():
         if name.startswith(tuple(skip_prefixes)) or name in tensors:
             continue
         key = (t.data_ptr(), t.dtype, tuple(t.shape))
-        if key in seen:  # a tied tensor: stored once, as Hugging Face does
+        if key in seen and retied:
             continue
+        tensors[name] = t.detach().cpu().clone() if key in seen else t.detach().cpu().contiguous()
         seen.add(key)
-        tensors[name] = t.detach().cpu().contiguous()
     path.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path / TENSORS_FILE), metadata={"format": "pt"})
 

@@ -382,3 +382,28 @@ def test_round_trip_with_gptqmodel_torch_kernel(bits, desc_act):
     torch.testing.assert_close(back(x.half()).double(), (x.half().double() @ w64.t()), rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(QuantLinear(lowering.pack(ours, "cpu"))(x).double(), x.double() @ w64.t(),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_gptqmodel_loads_a_saved_model_to_the_same_logits(tmp_path):
+    """The whole exported folder (act_order layer, int8 lm_head as a `dynamic` override, gptq_v2)
+    loaded by GPTQModel on CPU gives qcompile's logits up to its fp16 arithmetic."""
+    _gptqmodel_linear()
+    from gptqmodel import BACKEND, GPTQModel
+
+    from tests.conftest import tiny_tokenizer
+
+    model = tiny_llama()
+    qcompile.quantize(model, RTNConfig(search="minmax"), progress=False)
+    down = model.model.layers[0].mlp.down_proj
+    w = lowering.unpack(down.packed_weight())
+    perm = torch.randperm(w.in_features, generator=torch.Generator().manual_seed(0))
+    model.model.layers[0].mlp.down_proj = QuantLinear(lowering.pack(
+        Int4Weight(w.qweight, w.scales, w.zeros, w.group_size, 4, perm), "cpu"))
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(5))
+    expected = model(ids).logits
+    qcompile.save(model, tmp_path, format="gptq_v2")
+    tiny_tokenizer().save_pretrained(tmp_path)
+    theirs = GPTQModel.load(str(tmp_path), backend=BACKEND.GPTQ_TORCH, device="cpu", dtype=torch.float16)
+    with torch.no_grad():
+        out = theirs.model(ids).logits.float()
+    torch.testing.assert_close(out, expected, rtol=0, atol=5e-3 * expected.abs().max().item())
