@@ -72,6 +72,19 @@ def int4_mm_reference(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor,
     return x @ dequantize_int4(qweight, scales, zeros, group_size, x.dtype).t()
 
 
+def int4_mm_g_idx_reference(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, g_idx: Tensor) -> Tensor:
+    """x @ W.T for an int4 weight kept in its layer's input order with a group per input channel
+    (GPTQ's g_idx layout): W[n, k] = s[n, g_idx[k]] * (q[n, k] - z[n, g_idx[k]]).
+
+    The alternative to qcompile's act_order design (gather x by perm, then the contiguous-group
+    kernel), kept as a reference for tests and benchmarks/bench_act_order.py.
+    """
+    _check_input("int4_mm", x, 2 * qweight.shape[1])
+    g = g_idx.long()
+    w = scales.to(x.dtype)[:, g] * (unpack_nibbles(qweight).to(x.dtype) - zeros.to(x.dtype)[:, g])
+    return x @ w.t()
+
+
 @torch.library.register_fake("qcompile::int4_mm_kernel")
 def _(x, qweight, scales, zeros, group_size):
     _check_input("int4_mm", x, 2 * qweight.shape[1])
