@@ -89,7 +89,7 @@ def load_gptq(model: nn.Module, path: Path, config: dict, device: torch.device) 
         if layer["scales"].dim() != 2 or layer["scales"].shape[1] != n:
             raise CheckpointError(f"layer {prefix}: checkpoint scales {tuple(layer['scales'].shape)} do not fit its "
                                   f"{n} output features: the checkpoint is for another architecture or configuration")
-        bits = gptq_hf.layer_bits(layer["qweight"], k, prefix)
+        bits = gptq_hf.layer_bits(layer["qweight"], k, prefix, config["bits"])
         if bits != config["bits"] and not config["dynamic"]:
             raise CheckpointError(f"{prefix}.qweight holds {bits}-bit codes, but {config['source']} says "
                                   f"bits={config['bits']}: the config does not belong to these tensors")

@@ -44,14 +44,17 @@ def packed_words(count: int, bits: int) -> int:
 
 
 def unpack_bits(words: Tensor, bits: int, count: int) -> Tensor:
-    """int32 [W, C] -> int64 [count, C]: the codes of each column's bit stream, LSB first."""
-    w = words.to(torch.int64) & 0xFFFFFFFF
+    """int32 [W, C] -> int32 [count, C]: the codes of each column's bit stream, LSB first.
+    (int32 arithmetic, with right shifts made logical by a mask: half the memory of int64.)"""
+    w = words.to(torch.int32)
     pos = torch.arange(count, device=words.device) * bits
-    word, off = pos // 32, (pos % 32)[:, None]
-    codes = w[word] >> off
-    spill = (pos % 32 + bits > 32).nonzero().flatten()  # codes that continue in the next word
+    word, off = pos // 32, pos % 32
+    keep = (1 << (32 - off)) - 1                                 # bits a logical right shift keeps
+    keep = torch.where(keep >= 2**31, keep - 2**32, keep).to(torch.int32)[:, None]
+    codes = (w[word] >> off[:, None].to(torch.int32)) & keep
+    spill = (off + bits > 32).nonzero().flatten()                # codes that continue in the next word
     if len(spill):
-        codes[spill] |= w[word[spill] + 1] << (32 - off[spill])
+        codes[spill] |= w[word[spill] + 1] << (32 - off[spill, None]).to(torch.int32)
     return codes & ((1 << bits) - 1)
 
 
@@ -123,9 +126,12 @@ def _read_json(p: Path) -> dict:
 
 
 # --- one layer: GPTQ tensors -> qcompile format ---------------------------------------------------
-def layer_bits(qweight: Tensor, in_features: int, where: str) -> int:
-    """The code width of a layer, read from its qweight's row count (GPTQModel may mix widths)."""
+def layer_bits(qweight: Tensor, in_features: int, where: str, expected: int) -> int:
+    """The code width of a layer, read from its qweight's row count (GPTQModel's `dynamic` configs
+    mix widths): `expected` (the config's) when it fits, else the one width that fits."""
     fits = [b for b in BITS if packed_words(in_features, b) == qweight.shape[0]]
+    if expected in fits:
+        return expected
     if len(fits) != 1:
         raise CheckpointError(f"{where}.qweight has {qweight.shape[0]} rows, which fits no GPTQ code width "
                               f"{BITS} for {in_features} input features (expected ceil({in_features}·bits/32)): "
