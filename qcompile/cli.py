@@ -94,7 +94,8 @@ def _eval(args) -> int:
         if "float" in results:
             print(format_comparison(results, args.model, args.seqlen))
         return 130
-    except (ValueError, FileNotFoundError) as err:  # bad --config, too short a text, a bad checkpoint ...
+    except (ValueError, FileNotFoundError, NotImplementedError) as err:
+        # a bad --config or checkpoint, too short a text, a method that needs calibration data
         print(f"qcompile eval: {err}", file=sys.stderr)
         return 2
     print(format_comparison(results, args.model, args.seqlen))

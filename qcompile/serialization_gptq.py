@@ -107,7 +107,23 @@ def load_gptq(model: nn.Module, path: Path, config: dict, device: torch.device) 
     _load_float_tensors(model, tensors, used, device, path)
     if untied and hasattr(getattr(model, "config", None), "tie_word_embeddings"):
         model.config.tie_word_embeddings = False  # the quantized head no longer shares the float table
+    _share_int8_table(model)
     return model
+
+
+def _share_int8_table(model: nn.Module) -> None:
+    """A float embedding that is exactly an int8 head's table (what `save_gptq` writes for a tied
+    model) reads that table again, as after `qcompile.quantize`: one copy, not two."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(emb, nn.Embedding) or not isinstance(head, QuantLinear) or head.layout != "int8":
+        return
+    if tuple(emb.weight.shape) != (head.out_features, head.in_features):
+        return
+    table = lowering.unpack(head.packed_weight()).dequantize(emb.weight.dtype)
+    if torch.equal(table.to(emb.weight.device), emb.weight):
+        path = next(p for p, m in model.named_modules() if m is emb)
+        _set_module(model, path, QuantEmbedding(head, emb.weight.dtype, emb.padding_idx))
 
 
 def _load_float_tensors(model: nn.Module, tensors: _Tensors, used: set[str], device: torch.device, path: Path) -> None:

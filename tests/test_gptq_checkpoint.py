@@ -13,7 +13,7 @@ import qcompile
 from qcompile import RTNConfig, lowering
 from qcompile.errors import CheckpointError
 from qcompile.formats import Int4Weight, Int8Weight, pack_nibbles
-from qcompile.modules import QuantLinear
+from qcompile.modules import QuantEmbedding, QuantLinear
 from qcompile.quantize import linear_modules
 from tests.conftest import tiny_llama
 
@@ -290,6 +290,7 @@ def test_save_gptq_round_trip_is_exact_and_follows_the_format(tmp_path, zero_for
     fresh = tiny_llama(seed=9)
     qcompile.load(fresh, tmp_path)
     assert torch.equal(fresh(ids).logits, expected)
+    assert isinstance(fresh.model.embed_tokens, QuantEmbedding)  # the float table was the int8 head's: shared again
 
 
 def test_save_gptq_act_order_layer_writes_g_idx(tmp_path):
