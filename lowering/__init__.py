@@ -41,8 +41,12 @@ def unsupported_reason(fmt: str, out_features: int, in_features: int, group_size
             except NotImplementedError as e:
                 return str(e)
         return None
-    if fmt in ("int8", "lut"):
-        return None if fmt == "int8" or in_features % 2 == 0 else f"lut codes pack two per byte: in_features {in_features} must be even"
+    if fmt == "int8":
+        if group_size is not None and (group_size <= 0 or in_features % group_size):
+            return f"int8 group size {group_size} does not divide in_features {in_features}"
+        return None
+    if fmt == "lut":
+        return None if in_features % 2 == 0 else f"lut codes pack two per byte: in_features {in_features} must be even"
     return f"no kernel for format {fmt!r}"
 
 
@@ -55,8 +59,11 @@ def pack(weight: Int4Weight | Int8Weight | LutWeight, device: torch.device | str
         tensors = {n: t for n, t in w.tensors().items() if n != "perm"}
         return PackedLinear("int4", tensors, (w.group_size,), w.in_features, w.out_features, w.meta(), w.perm)
     if isinstance(weight, Int8Weight):
-        w = Int8Weight(weight.qweight.to(device), weight.scales.to(device))
-        return PackedLinear("int8", w.tensors(), (), w.in_features, w.out_features, w.meta())
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        w = Int8Weight(move(weight.qweight), move(weight.scales), move(weight.zeros), weight.group_size,
+                       move(weight.perm))
+        tensors = {n: t for n, t in w.tensors().items() if n != "perm"}  # op(x, qweight, scales[, zeros])
+        return PackedLinear("int8", tensors, (), w.in_features, w.out_features, w.meta(), w.perm)
     if isinstance(weight, LutWeight):
         if weight.outliers is not None:
             raise NotImplementedError("no kernel runs lookup-table weights with a sparse outlier part yet")
@@ -72,7 +79,7 @@ def unpack(packed: PackedLinear) -> Int4Weight | Int8Weight | LutWeight:
         return Int4Weight(t["qweight"], t["scales"], t["zeros"], packed.consts[0], packed.meta.get("bits", 4),
                           packed.perm)
     if packed.layout == "int8":
-        return Int8Weight(t["qweight"], t["scales"])
+        return Int8Weight(t["qweight"], t["scales"], t.get("zeros"), packed.meta.get("group_size"), packed.perm)
     if packed.layout == "lut":
         return LutWeight(t["codes"], t["tables"], packed.meta["bits"])
     raise ValueError(f"unknown layout {packed.layout!r}")

@@ -4,7 +4,8 @@
 // They read the canonical formats (qcompile/formats) directly:
 //   int4: qweight uint8 [N, K/2], byte j of row n holds k = 2j (low nibble) and k = 2j+1 (high);
 //         w[n,k] = s[n,g] * (q[n,k] - z[n,g]),  g = k / group
-//   int8: qweight int8 [N, K], w[n,k] = s[n] * q[n,k]
+//   int8: qweight int8 [N, K], w[n,k] = s[n] * q[n,k] (per channel, symmetric: the default lm_head),
+//         or w[n,k] = s[n,g] * (q[n,k] - z[n,g]), g = k / (K / G), with s, z [N, G] (or [N], z optional)
 //   lut:  codes uint8 [N, K/2] as int4, tables [N, L <= 16], w[n,k] = T[n, q[n,k]]
 // Scales and zero-points may be float32, float16 or bfloat16; activations any float type.
 // Arithmetic is float32 (float64 inputs get a float64 dequantize + matmul).
@@ -23,6 +24,8 @@
 #include <torch/library.h>
 
 #include <cstring>
+#include <optional>
+#include <type_traits>
 #include <vector>
 #ifdef __AVX2__
 #include <immintrin.h>
@@ -192,12 +195,63 @@ void int8_gemv(const float* x, int64_t M, int64_t K, const int8_t* qw, const Par
   });
 }
 
+// Groups and/or zero-points: per group the sum over q*x is scaled once, and the zero-point uses the
+// group's sum of x (as for int4). z may be null (symmetric groups).
+void int8_gemv_grouped(const float* x, int64_t M, int64_t K, const int8_t* qw, const Params& s, const Params* z,
+                       int64_t N, int64_t G, float* y) {
+  const int64_t group = K / G;
+  std::vector<float> xs(z ? M * G : 0, 0.f);
+  if (z)
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; ++k) xs[m * G + k / group] += x[m * K + k];
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const int8_t* row = qw + n * K;
+      for (int64_t m = 0; m < M; ++m) {
+        const float* xm = x + m * K;
+        float total = 0.f;
+#ifdef __AVX2__
+        __m256 acc = _mm256_setzero_ps();
+#endif
+        for (int64_t g = 0; g < G; ++g) {
+          const float sg = s[n * G + g];
+          const int64_t k1 = (g + 1) * group;
+          int64_t k = g * group;
+          float t = 0.f;
+#ifdef __AVX2__
+          __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+          for (; k + 16 <= k1; k += 16) {
+            const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k))));
+            const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k + 8))));
+            a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xm + k), a0);
+            a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xm + k + 8), a1);
+          }
+          acc = _mm256_fmadd_ps(_mm256_set1_ps(sg), _mm256_add_ps(a0, a1), acc);
+#endif
+          for (; k < k1; ++k) t += static_cast<float>(row[k]) * xm[k];  // the tail (everything, without AVX2)
+          total += sg * (z ? t - (*z)[n * G + g] * xs[m * G + g] : t);
+        }
+#ifdef __AVX2__
+        total += hsum(acc);
+#endif
+        y[m * N + n] = total;
+      }
+    }
+  });
+}
+
 template <typename T>
-void int8_dequant(const int8_t* qw, const Params& s, int64_t K, int64_t n0, int64_t n1, T* out) {
+void int8_dequant(const int8_t* qw, const Params& s, const Params* z, int64_t K, int64_t G, int64_t n0,
+                  int64_t n1, T* out) {
+  const int64_t group = K / G;
   at::parallel_for(n0, n1, 16, [&](int64_t a, int64_t b) {
     for (int64_t n = a; n < b; ++n) {
-      const T sn = s[n];
-      for (int64_t k = 0; k < K; ++k) out[(n - n0) * K + k] = sn * static_cast<T>(qw[n * K + k]);
+      T* o = out + (n - n0) * K;
+      const int8_t* row = qw + n * K;
+      for (int64_t g = 0; g < G; ++g) {
+        const T sg = s[n * G + g], off = z ? -sg * static_cast<T>((*z)[n * G + g]) : T(0);
+        for (int64_t k = g * group; k < (g + 1) * group; ++k) o[k] = sg * static_cast<T>(row[k]) + off;
+      }
     }
   });
 }
@@ -344,28 +398,43 @@ at::Tensor int4_mm_cpu(const at::Tensor& x, const at::Tensor& qweight, const at:
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
-at::Tensor int8_mm_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales) {
+at::Tensor int8_mm_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                       const std::optional<at::Tensor>& zeros) {
   const int64_t n = qweight.size(0), k = qweight.size(1);
   TORCH_CHECK(x.size(-1) == k, "qcompile::int8_mm: input has ", x.size(-1), " features, the weight expects ", k);
   TORCH_CHECK(qweight.scalar_type() == at::kChar, "qcompile::int8_mm: qweight must be int8");
+  TORCH_CHECK(scales.dim() >= 1 && scales.dim() <= 2 && scales.size(0) == n, "qcompile::int8_mm: scales must be [N] or [N, G]");
+  const int64_t G = scales.dim() == 2 ? scales.size(1) : 1;
+  TORCH_CHECK(G > 0 && k % G == 0, "qcompile::int8_mm: ", G, " groups do not divide ", k, " input features");
+  const bool has_zeros = zeros.has_value() && zeros->defined();
+  TORCH_CHECK(!has_zeros || zeros->sizes() == scales.sizes(), "qcompile::int8_mm: zeros must have the shape of scales");
   const auto qw = qweight.contiguous();
   const auto s_t = readable(scales);
+  const auto z_t = has_zeros ? readable(*zeros) : at::Tensor();
   const Params s{s_t.data_ptr(), s_t.scalar_type()};
+  const Params z_p{has_zeros ? z_t.data_ptr() : nullptr, has_zeros ? z_t.scalar_type() : at::kFloat};
+  const Params* z = has_zeros ? &z_p : nullptr;
+  const bool per_channel_sym = scales.dim() == 1 && !has_zeros;  // the default lm_head: fastest path
   const int64_t m = x.numel() / k;
+  auto dequant = [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    return [&](int64_t n0, int64_t n1, at::Tensor& w) {
+      int8_dequant<T>(qw.data_ptr<int8_t>(), s, z, k, G, n0, n1, w.data_ptr<T>());
+    };
+  };
   if (x.scalar_type() == at::kDouble) {
-    return prefill(x.reshape({m, k}), n, k, [&](int64_t n0, int64_t n1, at::Tensor& w) {
-             int8_dequant<double>(qw.data_ptr<int8_t>(), s, k, n0, n1, w.data_ptr<double>());
-           }).view(out_shape(x, n));
+    return prefill(x.reshape({m, k}), n, k, dequant(static_cast<double*>(nullptr))).view(out_shape(x, n));
   }
   const auto xf = x.to(at::kFloat).contiguous();
   at::Tensor y;
   if (m <= GEMV_MAX_ROWS) {
     y = at::empty(out_shape(x, n), xf.options());
-    int8_gemv(xf.data_ptr<float>(), m, k, qw.data_ptr<int8_t>(), s, n, y.data_ptr<float>());
+    if (per_channel_sym)
+      int8_gemv(xf.data_ptr<float>(), m, k, qw.data_ptr<int8_t>(), s, n, y.data_ptr<float>());
+    else
+      int8_gemv_grouped(xf.data_ptr<float>(), m, k, qw.data_ptr<int8_t>(), s, z, n, G, y.data_ptr<float>());
   } else {
-    y = prefill(xf.reshape({m, k}), n, k, [&](int64_t n0, int64_t n1, at::Tensor& w) {
-          int8_dequant<float>(qw.data_ptr<int8_t>(), s, k, n0, n1, w.data_ptr<float>());
-        }).view(out_shape(x, n));
+    y = prefill(xf.reshape({m, k}), n, k, dequant(static_cast<float*>(nullptr))).view(out_shape(x, n));
   }
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }

@@ -24,10 +24,11 @@ from .backend import DEFAULT as _DEFAULT_BACKEND, Backend, backend  # noqa: E402
 from .config import QuantConfig, RTNConfig, default_config  # noqa: E402
 from .explain import explain  # noqa: E402
 from .quantize import quantize  # noqa: E402
+from .errors import CheckpointError  # noqa: E402
 from .report import Report  # noqa: E402
 from .serialization import load, save  # noqa: E402
 
-__all__ = ["backend", "Backend", "quantize", "save", "load", "explain", "Report",
+__all__ = ["backend", "Backend", "quantize", "save", "load", "explain", "Report", "CheckpointError",
            "QuantConfig", "RTNConfig", "default_config"]
 __version__ = "0.1.0"
 

@@ -1,4 +1,5 @@
-"""Command line: ``qcompile demo`` (the main job) and ``qcompile inspect`` (the report for a model)."""
+"""Command line: ``qcompile demo`` (the main job), ``qcompile inspect`` (the report for a model) and
+``qcompile eval`` (perplexity and weight bytes, float vs quantized)."""
 from __future__ import annotations
 
 import argparse
@@ -33,7 +34,19 @@ def main(argv=None) -> int:
     sub.choices["demo"].add_argument("--repeats", type=int, default=3)
     sub.choices["inspect"].add_argument("--json", action="store_true", help="print the report as JSON")
     sub.choices["inspect"].add_argument("--graphs", action="store_true", help="also print each graph after the passes")
+    e = sub.add_parser("eval", help="perplexity and weight bytes: float vs quantized, side by side")
+    e.add_argument("--model", default="smollm2", help="'smollm2' (bundled) or a local Hugging Face folder")
+    e.add_argument("--config", default="default",
+                   help="'default', 'minmax', a method name (rtn, ...), or a checkpoint folder (qcompile or GPTQ)")
+    e.add_argument("--text", default=None, help="text file to measure on (default: the GPL-3 licence text)")
+    e.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
+    e.add_argument("--max-tokens", type=int, default=1024, help="use the first N tokens (0: all; default 1024)")
+    e.add_argument("--compile", action="store_true", help="run the quantized model through torch.compile(backend=qcompile)")
+    e.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
+
+    if args.cmd == "eval":
+        return _eval(args)
 
     if args.cmd == "demo":
         from .demo import run
@@ -58,6 +71,34 @@ def main(argv=None) -> int:
             for g in report.graphs:
                 for pr in g.passes:
                     print(f"\n# graph {g.index}, after pass {pr.name}\n{pr.after}")
+    return 0
+
+
+def _eval(args) -> int:
+    from pathlib import Path
+
+    from .evaluate import compare, format_comparison
+
+    text = None
+    if args.text is not None:
+        if not Path(args.text).is_file():
+            print(f"qcompile eval: --text {args.text}: no such file", file=sys.stderr)
+            return 2
+        text = Path(args.text).read_text()
+    results: dict = {}
+    try:
+        compare(args.model, args.config, text=text, seqlen=args.seqlen, max_tokens=args.max_tokens or None,
+                compile=args.compile, progress=not args.no_progress, results=results)
+    except KeyboardInterrupt:
+        print("\nqcompile eval: interrupted", file=sys.stderr)
+        if "float" in results:
+            print(format_comparison(results, args.model, args.seqlen))
+        return 130
+    except (ValueError, FileNotFoundError, NotImplementedError) as err:
+        # a bad --config or checkpoint, too short a text, a method that needs calibration data
+        print(f"qcompile eval: {err}", file=sys.stderr)
+        return 2
+    print(format_comparison(results, args.model, args.seqlen))
     return 0
 
 

@@ -46,3 +46,5 @@ def _describe_prequantized(report: Report, model: nn.Module) -> None:
             if lin.path in reasons:
                 lin.reason = f"quantized ahead of time: {reasons[lin.path].reason}"
                 lin.notes = list(reasons[lin.path].notes)
+            if meta.get("act_order"):
+                lin.notes.append("act_order: the input is gathered (index_select) before the op")

@@ -77,7 +77,11 @@ class QuantEmbedding(nn.Module):
 
     def forward(self, ids: Tensor) -> Tensor:
         head = self.lm_head[0]
-        return torch.ops.qcompile.int8_embedding(ids, head.qweight, head.scales, self.dtype)
+        rows = torch.ops.qcompile.int8_embedding(ids, head.qweight, head.scales, self.dtype, getattr(head, "zeros", None))
+        if head.perm is None:
+            return rows
+        # act_order table: stored column j is the embedding's column perm[j]
+        return torch.empty_like(rows).index_copy_(-1, head.perm.long(), rows)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, int8 table shared with the lm_head"

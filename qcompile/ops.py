@@ -7,7 +7,7 @@ fast CPU kernels, the Triton kernels and the Inductor lowerings for the same ops
 | op                       | layout of W (the canonical formats of `qcompile.formats`) |
 |--------------------------|-----------------------------------------------------------|
 | qcompile::int4_mm        | int4: uint8 [N, K/2] codes + [N, K/g] scales and zeros    |
-| qcompile::int8_mm        | int8 [N, K] + per-channel scales                          |
+| qcompile::int8_mm        | int8 [N, K] + scales [N] (per channel) or [N, G] (groups of K/G), optional zeros like scales |
 (each with a `_kernel` op underneath that the device kernels implement)
 | qcompile::int8_embedding | row gather of an int8 table (tied lm_head/embedding)      |
 
@@ -49,11 +49,13 @@ def dequantize_int4(qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: 
 _lib = torch.library.Library("qcompile", "FRAGMENT")
 _lib.define("int4_mm(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor")
 _lib.define("int4_mm_kernel(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor")
-_lib.define("int8_mm(Tensor x, Tensor qweight, Tensor scales) -> Tensor")
-_lib.define("int8_mm_kernel(Tensor x, Tensor qweight, Tensor scales) -> Tensor")
+# int8: the grouping follows from the shape of `scales` ([N]: per channel, [N, G]: G groups of K/G);
+# zeros=None is the symmetric grid (the default lm_head, the kernels' fastest path).
+_lib.define("int8_mm(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros=None) -> Tensor")
+_lib.define("int8_mm_kernel(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros=None) -> Tensor")
 _lib.define("lut_mm(Tensor x, Tensor codes, Tensor tables) -> Tensor")
 _lib.define("lut_mm_kernel(Tensor x, Tensor codes, Tensor tables) -> Tensor")
-_lib.define("int8_embedding(Tensor ids, Tensor qweight, Tensor scales, ScalarType dtype) -> Tensor")
+_lib.define("int8_embedding(Tensor ids, Tensor qweight, Tensor scales, ScalarType dtype, Tensor? zeros=None) -> Tensor")
 
 # device type -> loader of its compiled kernels (set by qcompile.lowering; called on first use)
 KERNEL_LOADERS: dict = {}
@@ -70,6 +72,19 @@ def int4_mm_reference(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor,
     """x [..., K] @ dequant(W).T: dequantize to x's dtype, then matmul (any device)."""
     _check_input("int4_mm", x, 2 * qweight.shape[1])
     return x @ dequantize_int4(qweight, scales, zeros, group_size, x.dtype).t()
+
+
+def int4_mm_g_idx_reference(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, g_idx: Tensor) -> Tensor:
+    """x @ W.T for an int4 weight kept in its layer's input order with a group per input channel
+    (GPTQ's g_idx layout): W[n, k] = s[n, g_idx[k]] * (q[n, k] - z[n, g_idx[k]]).
+
+    The alternative to qcompile's act_order design (gather x by perm, then the contiguous-group
+    kernel), kept as a reference for tests and benchmarks/bench_act_order.py.
+    """
+    _check_input("int4_mm", x, 2 * qweight.shape[1])
+    g = g_idx.long()
+    w = scales.to(x.dtype)[:, g] * (unpack_nibbles(qweight).to(x.dtype) - zeros.to(x.dtype)[:, g])
+    return x @ w.t()
 
 
 @torch.library.register_fake("qcompile::int4_mm_kernel")
@@ -103,37 +118,61 @@ def int4_mm(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_siz
 
 
 # --- int8 ---------------------------------------------------------------------------------------
-def int8_mm_reference(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
-    """x [..., K] @ (qweight * scales[:, None]).T: dequantize, then matmul (any device)."""
+def _check_int8(qweight: Tensor, scales: Tensor, zeros: Tensor | None) -> None:
+    n, k = qweight.shape
+    if scales.dim() not in (1, 2) or scales.shape[0] != n or (scales.dim() == 2 and k % scales.shape[1]):
+        raise ValueError(f"qcompile::int8_mm: scales {tuple(scales.shape)} do not fit a {n}x{k} weight: "
+                         f"expected [{n}] (per channel) or [{n}, G] with G dividing {k}")
+    if zeros is not None and zeros.shape != scales.shape:
+        raise ValueError(f"qcompile::int8_mm: zeros {tuple(zeros.shape)} must have the shape of scales {tuple(scales.shape)}")
+
+
+def dequantize_int8(qweight: Tensor, scales: Tensor, zeros: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """scales * (qweight - zeros), per channel ([N]) or per group ([N, G]) of any rows of a table."""
+    q = qweight.to(dtype)
+    if scales.dim() == qweight.dim() - 1:  # per channel
+        s, z = scales.to(dtype)[..., None], None if zeros is None else zeros.to(dtype)[..., None]
+    else:
+        group = qweight.shape[-1] // scales.shape[-1]
+        s = scales.to(dtype).repeat_interleave(group, dim=-1)
+        z = None if zeros is None else zeros.to(dtype).repeat_interleave(group, dim=-1)
+    return s * (q if z is None else q - z)
+
+
+def int8_mm_reference(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None = None) -> Tensor:
+    """x [..., K] @ dequant(W).T: dequantize to x's dtype, then matmul (any device)."""
     _check_input("int8_mm", x, qweight.shape[1])
-    return x @ (qweight.to(x.dtype) * scales.to(x.dtype)[:, None]).t()
+    _check_int8(qweight, scales, zeros)
+    return x @ dequantize_int8(qweight, scales, zeros, x.dtype).t()
 
 
 @torch.library.register_fake("qcompile::int8_mm_kernel")
-def _(x, qweight, scales):
+def _(x, qweight, scales, zeros=None):
     _check_input("int8_mm", x, qweight.shape[1])
+    _check_int8(qweight, scales, zeros)
     return x.new_empty(*x.shape[:-1], qweight.shape[0])
 
 
 class _Int8MM(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, qweight, scales):
-        ctx.save_for_backward(qweight, scales)
-        return torch.ops.qcompile.int8_mm_kernel(x, qweight, scales)
+    def forward(ctx, x, qweight, scales, zeros):
+        ctx.save_for_backward(qweight, scales, zeros)
+        return torch.ops.qcompile.int8_mm_kernel(x, qweight, scales, zeros)
 
     @staticmethod
     def backward(ctx, grad):
-        qweight, scales = ctx.saved_tensors
-        return grad @ (qweight.to(grad.dtype) * scales.to(grad.dtype)[:, None]), None, None
+        qweight, scales, zeros = ctx.saved_tensors
+        return grad @ dequantize_int8(qweight, scales, zeros, grad.dtype), None, None, None
 
 
-def int8_mm(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
-    """x [..., K] @ (qweight * scales[:, None]).T."""
+def int8_mm(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None = None) -> Tensor:
+    """x [..., K] @ dequant(W).T for W in the canonical int8 layout."""
     _check_input("int8_mm", x, qweight.shape[1])
+    _check_int8(qweight, scales, zeros)
     _load_kernels(x.device)
     if torch.is_grad_enabled() and x.requires_grad:
-        return _Int8MM.apply(x, qweight, scales)
-    return torch.ops.qcompile.int8_mm_kernel(x, qweight, scales)
+        return _Int8MM.apply(x, qweight, scales, zeros)
+    return torch.ops.qcompile.int8_mm_kernel(x, qweight, scales, zeros)
 
 
 # --- lut (per-row lookup tables, GANQ) ------------------------------------------------------------
@@ -176,9 +215,11 @@ def lut_mm(x: Tensor, codes: Tensor, tables: Tensor) -> Tensor:
     return torch.ops.qcompile.lut_mm_kernel(x, codes, tables)
 
 
-def int8_embedding(ids: Tensor, qweight: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
-    """Rows `ids` of an int8 table, dequantized to `dtype` (an embedding tied to an int8 lm_head)."""
-    return qweight[ids].to(dtype) * scales[ids].to(dtype).unsqueeze(-1)
+def int8_embedding(ids: Tensor, qweight: Tensor, scales: Tensor, dtype: torch.dtype,
+                   zeros: Tensor | None = None) -> Tensor:
+    """Rows `ids` of an int8 table, dequantized to `dtype` (an embedding tied to an int8 lm_head).
+    Columns come in the table's stored order (the caller undoes an act_order perm)."""
+    return dequantize_int8(qweight[ids], scales[ids], None if zeros is None else zeros[ids], dtype)
 
 
 # References serve every device that `qcompile.lowering` gives no kernel.

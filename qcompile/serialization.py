@@ -5,6 +5,8 @@ A checkpoint is a directory with
                       (`qcompile.formats`), so a file written on CPU loads on GPU and back;
   qcompile.json       format version, the quantization config, per-layer format, tied tables,
                       and the SHA-256 of model.safetensors (checked on load).
+`load` also reads Hugging Face GPTQ checkpoints, and `save(..., format="gptq")` writes them
+(`qcompile.serialization_gptq`).
 """
 from __future__ import annotations
 
@@ -18,17 +20,15 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import lowering
-from .formats import FORMATS
+from .errors import CheckpointError
+from .formats import FORMATS, gptq_hf
 from .modules import QuantEmbedding, QuantLinear
 from .quantize import _path_of, _set_module, linear_modules
+from .serialization_gptq import load_gptq, save_gptq
 
 TENSORS_FILE = "model.safetensors"
 META_FILE = "qcompile.json"
 FORMAT_VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded into this model (missing, corrupted or mismatched)."""
 
 
 def _sha256(path: Path) -> str:
@@ -39,8 +39,20 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def save(model: nn.Module, path: str | Path) -> Path:
-    """Write `model` (quantized by `qcompile.quantize` or `load`) to directory `path`."""
+SAVE_FORMATS = ("qcompile", *gptq_hf.ZERO_FORMATS)
+
+
+def save(model: nn.Module, path: str | Path, *, format: str = "qcompile") -> Path:
+    """Write `model` (quantized by `qcompile.quantize` or `load`) to directory `path`.
+
+    format: "qcompile" (every format qcompile has), or a Hugging Face GPTQ checkpoint that other
+    tools load: "gptq" (zero-points stored minus one, the common v1 layout) or "gptq_v2". GPTQ
+    holds integer zero-points only: layers it cannot express raise ValueError naming the layer.
+    """
+    if format not in SAVE_FORMATS:
+        raise ValueError(f"qcompile.save(format={format!r}): use one of {SAVE_FORMATS}")
+    if format != "qcompile":
+        return save_gptq(model, Path(path), format)
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
@@ -85,7 +97,9 @@ def save(model: nn.Module, path: str | Path) -> Path:
 def _read_meta(path: Path) -> dict:
     meta_path = path / META_FILE
     if not meta_path.is_file():
-        raise CheckpointError(f"{meta_path} not found: is {path} a checkpoint written by qcompile.save?")
+        raise CheckpointError(f"{meta_path} not found: {path} is neither a checkpoint written by qcompile.save "
+                              f"nor a GPTQ checkpoint ({gptq_hf.QUANTIZE_CONFIG}, or config.json with a "
+                              "quantization_config)")
     try:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as e:
@@ -99,13 +113,23 @@ def _read_meta(path: Path) -> dict:
 @torch.no_grad()
 def load(model: nn.Module, path: str | Path, *, device: torch.device | str | None = None,
          verify: bool = True) -> nn.Module:
-    """Load a checkpoint written by `save` into `model` (float, or built on the meta device), in place.
+    """Load a checkpoint written by `save`, or a Hugging Face GPTQ checkpoint directory, into
+    `model` (float, or built on the meta device), in place.
 
-    Linear layers named in the checkpoint become `QuantLinear`s (no re-quantization); every other
-    tensor is replaced by the checkpoint's. `device` defaults to the model's (CPU for a meta model).
+    Linear layers named in the checkpoint become `QuantLinear`s (no re-quantization, no
+    dequantization); every other tensor is replaced by the checkpoint's (GPTQ: cast to the model's
+    dtype). `device` defaults to the model's (CPU for a meta model).
     Raises `CheckpointError` for a missing, corrupted or mismatched checkpoint.
     """
     path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory {path} not found")
+    if device is None:
+        first = next(iter(model.parameters()), None)
+        device = first.device if first is not None and first.device.type != "meta" else torch.device("cpu")
+    device = torch.device(device)
+    if not (path / META_FILE).is_file() and (gptq := gptq_hf.find_config(path)) is not None:
+        return load_gptq(model, path, gptq, device)
     meta = _read_meta(path)
     tensor_path = path / TENSORS_FILE
     if not tensor_path.is_file():
@@ -113,10 +137,6 @@ def load(model: nn.Module, path: str | Path, *, device: torch.device | str | Non
     if verify and _sha256(tensor_path) != meta.get("sha256"):
         raise CheckpointError(f"{tensor_path} does not match the SHA-256 recorded in {META_FILE}: "
                               "the file is corrupted or was replaced")
-    if device is None:
-        first = next(iter(model.parameters()), None)
-        device = first.device if first is not None and first.device.type != "meta" else torch.device("cpu")
-    device = torch.device(device)
     try:
         f = safe_open(str(tensor_path), framework="pt", device="cpu")
         keys = set(f.keys())
@@ -144,20 +164,21 @@ def load(model: nn.Module, path: str | Path, *, device: torch.device | str | Non
         have = (mod.out_features, mod.in_features) if hasattr(mod, "out_features") else tuple(reversed(mod.weight.shape))
         if tuple(have) != (n, k):
             raise CheckpointError(f"layer {lpath}: checkpoint is {n}x{k} (out x in), model has {have[0]}x{have[1]}")
-        fmt = FORMATS.get(lmeta["format"])
-        if fmt is None:
-            raise CheckpointError(f"layer {lpath}: unknown format {lmeta['format']!r} (this qcompile reads "
-                                  f"{sorted(FORMATS)}); the checkpoint is from a newer qcompile")
+        if lmeta.get("format") not in FORMATS:
+            raise CheckpointError(f"layer {lpath}: unknown format {lmeta.get('format')!r} (this qcompile reads {sorted(FORMATS)})")
+        fmt = FORMATS[lmeta["format"]]
         if lmeta["format"] == "lut":
             names = ["codes", "tables"] + (["outlier_rows", "outlier_cols", "outlier_values"] if lmeta.get("outliers") else [])
         else:
-            names = ["qweight", "scales", "zeros"] if lmeta["format"] == "int4" else ["qweight", "scales"]
+            names = ["qweight", "scales"]
+            if lmeta["format"] == "int4" or lmeta.get("zeros"):  # int8 without "zeros" (older files): symmetric
+                names.append("zeros")
             if lmeta.get("act_order"):
                 names.append("perm")
         fields = {t: get(f"{lpath}.{t}") for t in names}
         used.update(f"{lpath}.{t}" for t in names)
+        fields["group_size"] = lmeta.get("group_size")
         if lmeta["format"] == "int4":
-            fields["group_size"] = lmeta["group_size"]
             fields["bits"] = lmeta.get("bits", 4)
         try:
             canonical = fmt.from_file(fields, lmeta) if hasattr(fmt, "from_file") else fmt(**fields)

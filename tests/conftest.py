@@ -34,6 +34,26 @@ def tiny_gpt2(seed: int = 0):
     return GPT2LMHeadModel(GPT2Config(vocab_size=256, n_embd=128, n_layer=2, n_head=4, n_positions=64)).eval()
 
 
+def tiny_tokenizer():
+    """A byte-level tokenizer with 256 tokens (one per byte, no merges): fits the tiny models' vocab."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=alphabet[0])
+
+
+def save_tiny_model(path, model=None):
+    """A tiny Llama and its tokenizer as a local Hugging Face folder (what `--model DIR` reads)."""
+    model = model or tiny_llama()
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
 @pytest.fixture
 def llama():
     return tiny_llama()

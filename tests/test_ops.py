@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from qcompile import lowering
-from qcompile.formats import Int4Weight, pack_nibbles
+from qcompile.formats import Int4Weight, Int8Weight, pack_nibbles
 from qcompile.lowering import cpu_kernels
 from qcompile.methods import rtn
 from qcompile.modules import QuantLinear
@@ -114,3 +114,105 @@ def test_quantlinear_keeps_packed_dtypes_and_moves_as_module():
         assert torch.equal(getattr(layer, k), v)
     assert layer.bias.dtype == torch.float16
     assert set(layer.state_dict()) == {"qweight", "scales", "zeros", "bias"}
+
+
+# --- int8 with groups, zero-points and act_order (GPTQ 8-bit) -----------------------------------
+def random_int8(n, k, group, zeros=True, seed=0, scale_dtype=torch.float16, perm=False):
+    """GPTQ-style unsigned 8-bit codes 0..255 stored as codes - 128, zeros shifted alike."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 256, (n, k), generator=g)
+    shape = (n,) if group is None else (n, k // group)
+    scales = ((torch.rand(shape, generator=g) + 0.5) * 0.01).to(scale_dtype)
+    z = (torch.randint(0, 256, shape, generator=g) - 128).to(torch.float16) if zeros else None
+    p = torch.randperm(k, generator=g) if perm else None
+    return Int8Weight((codes - 128).to(torch.int8), scales, z, group, p)
+
+
+def int8_float64(w):
+    """w[n, k] = s[n, g] * (q[n, k] - z[n, g]) written out column by column, then un-permuted."""
+    n, k = w.qweight.shape
+    q = w.qweight.double()
+    s = w.scales.double().reshape(n, -1)
+    z = torch.zeros_like(s) if w.zeros is None else w.zeros.double().reshape(n, -1)
+    group = k // s.shape[1]
+    stored = torch.stack([s[:, c // group] * (q[:, c] - z[:, c // group]) for c in range(k)], dim=1)
+    if w.perm is None:
+        return stored
+    out = torch.empty_like(stored)
+    for j, c in enumerate(w.perm.tolist()):
+        out[:, c] = stored[:, j]
+    return out
+
+
+@pytest.mark.parametrize("n,k,group,zeros", [(96, 128, 32, True), (40, 576, 64, True), (33, 192, 64, False),
+                                             (24, 72, 24, True), (64, 576, None, True), (17, 80, 80, True)])
+@pytest.mark.parametrize("m", [1, 2, 9, 17])
+def test_cpu_int8_grouped_kernel_matches_float64(n, k, group, zeros, m):
+    assert cpu_kernels.load(), "the CPU kernels did not build"
+    w = random_int8(n, k, group, zeros, seed=n + m)
+    w64 = int8_float64(w)
+    torch.testing.assert_close(w.dequantize(torch.float64), w64, rtol=0, atol=0)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+    y = lowering.pack(w, "cpu")(x)
+    assert y.dtype == x.dtype
+    assert_matches(y, x, w64)
+    x64 = x.double()
+    torch.testing.assert_close(lowering.pack(w, "cpu")(x64), x64 @ w64.t(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
+def test_cpu_int8_grouped_kernel_dtypes_and_leading_dims(dtype, scale_dtype):
+    w = random_int8(64, 128, 32, scale_dtype=scale_dtype)
+    x = torch.randn(128, 2, 3).to(dtype).permute(1, 2, 0)
+    y = lowering.pack(w, "cpu")(x)
+    assert y.shape == (2, 3, 64) and y.dtype == dtype
+    assert_matches(y.reshape(6, 64), x.reshape(6, 128), int8_float64(w))
+
+
+def test_int8_act_order_layer_gathers_its_input():
+    w = random_int8(48, 128, 32, perm=True)
+    w64 = int8_float64(w)
+    torch.testing.assert_close(w.dequantize(torch.float64), w64, rtol=0, atol=0)
+    layer = QuantLinear(lowering.pack(w, "cpu"))
+    for m in (1, 5, 12):
+        x = torch.randn(m, 128)
+        assert_matches(layer(x), x, w64)
+    back = lowering.unpack(layer.packed_weight())
+    assert torch.equal(back.perm, w.perm) and torch.equal(back.zeros, w.zeros) and back.group_size == 32
+
+
+@pytest.mark.parametrize("group,zeros,perm", [(None, False, False), (32, True, False), (None, True, True), (16, True, True)])
+def test_int8_embedding_reads_every_int8_table(group, zeros, perm):
+    from qcompile.modules import QuantEmbedding
+
+    w = random_int8(50, 64, group, zeros, perm=perm)
+    head = QuantLinear(lowering.pack(w, "cpu"))
+    emb = QuantEmbedding(head, torch.float32)
+    ids = torch.tensor([[0, 7, 49], [3, 3, 1]])
+    torch.testing.assert_close(emb(ids).double(), int8_float64(w)[ids], rtol=1e-6, atol=1e-6)
+
+
+def test_int8_op_registration_gradient_and_errors():
+    w = random_int8(32, 64, 16, scale_dtype=torch.float32)
+    x = torch.randn(3, 64)
+    torch.library.opcheck(torch.ops.qcompile.int8_mm_kernel.default, (x, w.qweight, w.scales, w.zeros))
+    torch.library.opcheck(torch.ops.qcompile.int8_mm_kernel.default, (x, w.qweight, w.scales))
+    x64 = x.double().requires_grad_()
+    torch.ops.qcompile.int8_mm(x64, w.qweight, w.scales, w.zeros).sum().backward()
+    torch.testing.assert_close(x64.grad, int8_float64(w).sum(0).expand(3, 64), rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="do not fit"):
+        torch.ops.qcompile.int8_mm(x, w.qweight, w.scales[:, :3], None)
+    with pytest.raises(ValueError, match="shape of scales"):
+        torch.ops.qcompile.int8_mm(x, w.qweight, w.scales, w.zeros[:, :2])
+    with pytest.raises(ValueError, match="group_size 24 does not divide"):
+        Int8Weight(w.qweight, w.scales, None, 24)
+    with pytest.raises(ValueError, match="zeros has shape"):
+        Int8Weight(w.qweight, w.scales, w.zeros[:, :2], 16)
+
+
+def test_default_int8_head_stays_symmetric_per_channel():
+    w = rtn.quantize_int8(torch.randn(96, 72))
+    assert w.zeros is None and w.group_size is None and w.scales.shape == (96,)
+    packed = lowering.pack(w, "cpu")
+    assert list(packed.tensors) == ["qweight", "scales"] and packed.consts == ()

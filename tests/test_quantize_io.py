@@ -118,3 +118,38 @@ def test_quantize_rejects_nan_weights_with_the_layer_name():
         model.model.layers[0].self_attn.k_proj.weight[1, 2] = float("nan")
     with pytest.raises(ValueError, match="model.layers.0.self_attn.k_proj"):
         qcompile.quantize(model, progress=False)
+
+
+def test_int8_groups_zeros_perm_round_trip_and_older_files_load(tmp_path):
+    """8-bit GPTQ-style layers (groups, zero-points, act_order) save and load; files written before
+    int8 had zero-points (no "zeros" in the layer's meta) still load as symmetric per channel."""
+    from qcompile import lowering
+    from qcompile.formats import Int8Weight
+
+    model = tiny_llama()
+    qcompile.quantize(model, progress=False)  # int8 lm_head, tied embedding
+    gen = torch.Generator().manual_seed(0)
+    up = model.model.layers[0].mlp.up_proj
+    n, k = up.out_features, up.in_features
+    w8 = Int8Weight((torch.randint(0, 256, (n, k), generator=gen) - 128).to(torch.int8),
+                    torch.rand(n, k // 32, generator=gen).half() * 0.01 + 0.001,
+                    (torch.randint(0, 256, (n, k // 32), generator=gen) - 128).half(), 32,
+                    torch.randperm(k, generator=gen))
+    model.model.layers[0].mlp.up_proj = QuantLinear(lowering.pack(w8, "cpu"))
+    ids = torch.randint(0, 256, (1, 9))
+    expected = model(ids).logits
+    qcompile.save(model, tmp_path)
+    fresh = tiny_llama(seed=5)
+    qcompile.load(fresh, tmp_path)
+    assert torch.equal(fresh(ids).logits, expected)
+    back = lowering.unpack(fresh.model.layers[0].mlp.up_proj.packed_weight())
+    assert back.group_size == 32 and torch.equal(back.perm, w8.perm) and torch.equal(back.zeros, w8.zeros)
+
+    meta = json.loads((tmp_path / "qcompile.json").read_text())
+    for key in ("zeros", "act_order"):
+        del meta["layers"]["lm_head"][key]  # as written before these fields existed
+    (tmp_path / "qcompile.json").write_text(json.dumps(meta))
+    older = tiny_llama(seed=6)
+    qcompile.load(older, tmp_path)
+    assert torch.equal(older(ids).logits, expected)
+    assert older.lm_head.format_meta.get("zeros") is False and older.lm_head.perm is None
