@@ -101,7 +101,8 @@ def _lower_lut_mm(x, codes, tables):
     lead = x.get_size()[:-1]
     m = sympy_product(lead)
     if None not in (n, k, entries) and k % 8 == 0 and entries in (4, 8, 16):
-        configs = triton_lut.lut_mm_configs(_size_hint(m), n, k, num_sms=triton_lut._num_sms(device))
+        configs = triton_lut.lut_mm_configs(_size_hint(m), n, k, x_itemsize=x.get_dtype().itemsize,
+                                            **triton_lut.device_limits(device))
     if configs is None:  # CPU, or a case the kernel does not serve: Inductor's default fallback
         return fallback_handler(OP, add_to_fallback_set=False)(x, codes, tables)
 

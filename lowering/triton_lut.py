@@ -66,6 +66,13 @@ class LutConfig(NamedTuple):
     def tiles(self, m: int, n: int) -> int:
         return triton.cdiv(m, self.block_m) * triton.cdiv(n, self.block_n)
 
+    def shared_memory(self, x_itemsize: int) -> int:
+        """An upper bound on the kernel's shared memory: per pipeline stage the activation tile, a
+        weight tile in the activation dtype (Hopper's wgmma reads it from shared memory) and the
+        codes (sm_90 builds with triton 3.9 used 45-100% of it)."""
+        per_stage = self.block_k * (self.block_m + self.block_n) * x_itemsize + self.block_n * self.block_k // 2
+        return self.num_stages * per_stage
+
 
 # Decode (M <= 16): memory-bound on the codes. tl.dot needs 16 rows, so one 16-row tile (rows past
 # M are masked, never loaded). A weight costs ~5.5-6.5 instructions (H100 SASS: the entry's load,
@@ -98,6 +105,7 @@ PREFILL_CONFIGS = (
 )
 ALL_CONFIGS = DECODE_CONFIGS + SMALL_BATCH_CONFIGS + PREFILL_CONFIGS
 MAX_SPLIT_K = 16
+DEFAULT_SHARED_MEMORY = 232448  # H100's per-block limit; used where no CUDA device can be asked
 
 
 def split_k_for(tiles: int, k: int, block_k: int, num_sms: int) -> int:
@@ -109,16 +117,20 @@ def split_k_for(tiles: int, k: int, block_k: int, num_sms: int) -> int:
     return triton.cdiv(steps, triton.cdiv(steps, split))
 
 
-def lut_mm_configs(m: int, n: int | None = None, k: int | None = None, *, split_k: bool = True,
-                   num_sms: int | None = None) -> list[LutConfig]:
-    """The configs worth trying for M rows, best guess first; with N and K, decode and small-batch
-    tiles get the split-K that fills the GPU (`split_k=False`: one program per tile, as the
-    Inductor template runs)."""
+def lut_mm_configs(m: int, n: int | None = None, k: int | None = None, *, x_itemsize: int = 2,
+                   split_k: bool = True, num_sms: int | None = None, shared_memory: int | None = None
+                   ) -> list[LutConfig]:
+    """The configs worth trying for M rows, best guess first, that fit in shared memory with
+    activations of `x_itemsize` bytes; with N and K, decode and small-batch tiles get the split-K
+    that fills the GPU (`split_k=False`: one program per tile, as the Inductor template runs)."""
     bucket = DECODE_CONFIGS if m <= 16 else SMALL_BATCH_CONFIGS if m <= 64 else PREFILL_CONFIGS
+    limit = shared_memory or DEFAULT_SHARED_MEMORY
+    configs = [c for c in bucket if c.shared_memory(x_itemsize) <= limit]
+    configs = configs or [min(bucket, key=lambda c: c.shared_memory(x_itemsize))]
     if n is None or k is None or not split_k or bucket is PREFILL_CONFIGS:
-        return list(bucket)
+        return configs
     num_sms = num_sms or DEFAULT_NUM_SMS
-    return [c._replace(split_k=split_k_for(c.tiles(m, n), k, c.block_k, num_sms)) for c in bucket]
+    return [c._replace(split_k=split_k_for(c.tiles(m, n), k, c.block_k, num_sms)) for c in configs]
 
 
 @functools.cache
@@ -127,16 +139,20 @@ def _triton_config(c: LutConfig) -> triton.Config:
 
 
 def _prune(configs, named_args, **kwargs):
-    # triton.autotune starts from ALL_CONFIGS; keep this M bucket's, each with its split-K.
-    num_sms = _num_sms(named_args["x_ptr"].device)
-    configs = lut_mm_configs(named_args["M"], named_args["N"], named_args["K"], num_sms=num_sms)
+    # triton.autotune starts from ALL_CONFIGS; keep this M bucket's that fit, each with its split-K.
+    x = named_args["x_ptr"]
+    configs = lut_mm_configs(named_args["M"], named_args["N"], named_args["K"], **device_limits(x.device),
+                             x_itemsize=x.element_size())
     return [_triton_config(c) for c in configs]
 
 
-def _num_sms(device: torch.device) -> int:
+def device_limits(device: torch.device) -> dict:
+    """The SM count and per-block shared memory `lut_mm_configs` plans for on `device`."""
     if device.type != "cuda":
-        return DEFAULT_NUM_SMS
-    return torch.cuda.get_device_properties(device).multi_processor_count
+        return {"num_sms": DEFAULT_NUM_SMS, "shared_memory": DEFAULT_SHARED_MEMORY}
+    props = torch.cuda.get_device_properties(device)
+    return {"num_sms": props.multi_processor_count,
+            "shared_memory": getattr(props, "shared_memory_per_block_optin", DEFAULT_SHARED_MEMORY)}
 
 
 # --- the kernel ---------------------------------------------------------------------------------
@@ -231,7 +247,7 @@ def lut_mm_kernel(
     stride_xm, stride_xk, stride_cn, stride_tn, stride_om,
     BITS: tl.constexpr, EVEN_K: tl.constexpr, ALLOW_TF32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    SPLIT_K,  # not a constexpr: one compile serves every split (triton specializes SPLIT_K == 1)
 ):
     pid = tl.program_id(0)
     grid_m = tl.cdiv(M, BLOCK_M)
@@ -263,7 +279,7 @@ def lut_mm_kernel(
         ticket = tl.atomic_add(tickets_ptr + pid, 1, sem="acq_rel")
         if ticket == SPLIT_K - 1:  # the last split of this tile: sum the partials in split order
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for s in tl.static_range(SPLIT_K):  # .cg: read L2, where the other SMs' stores are
+            for s in range(0, SPLIT_K):  # .cg: read L2, where the other SMs' stores are
                 acc += tl.load(partials_ptr + s * M * N + tile, mask=mask, other=0.0, cache_modifier=".cg")
             tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
             tl.atomic_xchg(tickets_ptr + pid, 0)  # ready for the next launch
@@ -338,7 +354,10 @@ def lut_mm_triton(x: Tensor, codes: Tensor, tables: Tensor, *, out: Tensor | Non
     if tables.stride(1) != 1:
         tables = tables.contiguous()
 
-    candidates = lut_mm_configs(m, n, k, num_sms=_num_sms(x.device)) if config is None else [config]
+    if config is None:
+        candidates = lut_mm_configs(m, n, k, x_itemsize=x.element_size(), **device_limits(x.device))
+    else:
+        candidates = [config]
     split = max(c.split_k for c in candidates)
     if split > 1 and split * m * n >= 2**31:  # the kernel indexes the partials with int32
         raise ValueError(f"lut_mm: split-K {split} over a [{m}, {n}] output needs 64-bit indexing")

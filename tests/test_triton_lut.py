@@ -344,6 +344,13 @@ def test_configs_and_split_k():
     assert tl_.lut_mm_configs(1, 4096, 11008, num_sms=132)[0].split_k > 1
     assert all(c.split_k == 1 for c in tl_.lut_mm_configs(512, 4096, 4096))
     assert all(c.split_k == 1 for c in tl_.lut_mm_configs(1, 4096, 4096, split_k=False))
+    # shared memory: fp32 activations drop the tiles whose stages would not fit (an H100's 227 KB)
+    assert tl_.PREFILL_CONFIGS[0] in tl_.lut_mm_configs(512)
+    for itemsize in (2, 4):
+        for m in (1, 32, 512):
+            configs = tl_.lut_mm_configs(m, x_itemsize=itemsize)
+            assert configs and all(c.shared_memory(itemsize) <= tl_.DEFAULT_SHARED_MEMORY for c in configs)
+    assert tl_.PREFILL_CONFIGS[0] not in tl_.lut_mm_configs(512, x_itemsize=4)
     with pytest.raises(NotImplementedError, match="multiple of 8"):
         tl_._check(torch.randn(1, 12), torch.zeros(4, 6, dtype=torch.uint8), torch.zeros(4, 16))
 
