@@ -9,15 +9,16 @@ Each program computes a [BLOCK_M, BLOCK_N] tile of x @ W.T. Per K step it loads 
 and feeds the [BLOCK_N, BLOCK_K] weight tile to `tl.dot` with fp32 accumulation. Float weights
 never reach global memory.
 
-The lookup is a load of the table entry itself: a row's table is 32 bytes (16 fp16 entries), so
-the lanes of a warp, which share one to four rows, hit one L1 line per load. `tl.gather` on a
-[BLOCK_N, 2^bits] register tile is not used: Triton (3.3-3.9) gives every gather a warp-local
-layout that costs a shuffle and a select per source register for each looked-up value (~30
-instructions a weight here), and releases before 3.9 fail to compile gathers whose index is wider
-than the table (triton#11600). A select tree costs 2^bits - 1 selects a weight. When the tables
-are aligned to their row size (always, for tensors torch allocates), the entry's address is the
-row's address with the code's byte offset OR-ed into its low bits: two integer instructions a
-weight, not four; otherwise the kernel runs a second copy of its loop that adds the offset.
+The lookup is a load of the table entry itself, from L1: a row's table is 32 bytes (16 fp16
+entries), and with BLOCK_K = 256 the lanes of a warp share four rows, one 128-byte line a load.
+`tl.gather` on a [BLOCK_N, 2^bits] register tile is not used: Triton's thread-locality pass gives
+a 2-D gather a warp-local layout that costs shuffles and selects for every looked-up value (~30
+instructions a weight in an sm_90 build with triton 3.9, against ~6 here), and releases that
+size that layout from the table alone fail to compile an index wider than the table
+(triton#11600, reported on 3.8). A select tree costs 2^bits - 1 selects a weight. When the
+tables are aligned to their row size (always, for tensors torch allocates), the entry's address
+is the row's address with the code's byte offset OR-ed into its low bits: two integer
+instructions a weight, not four; otherwise the kernel runs a second copy of its loop that adds.
 
 Decode (M <= 16) is memory-bound, and N / BLOCK_N tiles are too few programs to keep enough
 bytes in flight (on the H100 the int4 kernel ran 1.6-1.8x slower without split-K). So decode
@@ -75,10 +76,11 @@ class LutConfig(NamedTuple):
 
 
 # Decode (M <= 16): memory-bound on the codes. tl.dot needs 16 rows, so one 16-row tile (rows past
-# M are masked, never loaded). A weight costs ~5.5-6.5 instructions (H100 SASS: the entry's load,
-# two integer ops for its address, packing for tl.dot). BLOCK_K = 256 gives each warp 4 rows of
-# codes, so one lookup load touches one 128-byte line of tables (BLOCK_K = 128: 8 rows, 2 lines).
-# Tiles use 106-184 registers a thread (2-4 programs an SM); split-K supplies the programs.
+# M are masked, never loaded). A weight costs ~5.5-7 instructions (sm_90 SASS, fp16: the entry's
+# load, two integer ops for its address, packing for tl.dot). BLOCK_K = 256 gives each warp 4 rows
+# of codes, so one lookup load touches one 128-byte line of tables (BLOCK_K = 128: 8 rows, 2
+# lines). Tiles use 106-184 registers a thread (2-4 programs of 4 warps fit an SM); split-K
+# supplies the programs.
 DECODE_CONFIGS = (
     LutConfig(16, 32, 256, 4, 4),
     LutConfig(16, 64, 256, 4, 3),
@@ -94,7 +96,7 @@ SMALL_BATCH_CONFIGS = (
     LutConfig(32, 64, 64, 4, 4),
 )
 # Prefill: compute-bound, classic GEMM tiles; BLOCK_M rows share each lookup. With fp32
-# activations the largest may not fit in shared memory; the autotuner skips those.
+# activations the largest do not fit in shared memory (`lut_mm_configs` leaves them out).
 PREFILL_CONFIGS = (
     LutConfig(128, 128, 128, 8, 3),
     LutConfig(64, 128, 128, 4, 3),
@@ -109,9 +111,9 @@ DEFAULT_SHARED_MEMORY = 232448  # H100's per-block limit; used where no CUDA dev
 
 
 def split_k_for(tiles: int, k: int, block_k: int, num_sms: int) -> int:
-    """How many programs share one output tile: enough for ~4 programs per SM (decode tiles use
-    92-178 registers a thread, 3-7 programs fit), while every split keeps at least two BLOCK_K
-    steps (the loads of one overlap the lookups of the other) and none is left empty."""
+    """How many programs share one output tile: enough for ~4 programs per SM (as many as the
+    decode tiles' registers allow), while every split keeps at least two BLOCK_K steps (the loads
+    of one overlap the lookups of the other) and none is left empty."""
     steps = triton.cdiv(k, block_k)
     split = max(1, min(triton.cdiv(4 * num_sms, tiles), MAX_SPLIT_K, steps // 2))
     return triton.cdiv(steps, triton.cdiv(steps, split))
@@ -146,6 +148,7 @@ def _prune(configs, named_args, **kwargs):
     return [_triton_config(c) for c in configs]
 
 
+@functools.cache
 def device_limits(device: torch.device) -> dict:
     """The SM count and per-block shared memory `lut_mm_configs` plans for on `device`."""
     if device.type != "cuda":

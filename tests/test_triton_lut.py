@@ -106,6 +106,9 @@ def _odd_cases():
     for name, t in (("unaligned", shifted), ("row-stride-24", wide[:, :16])):
         y = tl_.lut_mm_triton(x, codes, t, config=c)
         yield f"tables-{name}", _compare(y, x.dtype, *_expected(x, codes, tables))
+    # 2-bit codes: four entries a row (16-byte rows: the OR path on its own alignment)
+    w = _weight(n, k, 2)
+    yield "tables-2bit", _compare(tl_.lut_mm_triton(x, *w, config=c), x.dtype, *_expected(x, *w))
     # no rows: an empty result, no launch
     y = tl_.lut_mm_triton(torch.randn(0, k), codes, tables)
     yield "empty-m", {"ok": y.shape == (0, n)}
@@ -301,7 +304,7 @@ def test_kernel_odd_k_and_leading_dims(results):
 
 
 def test_kernel_table_dtypes_and_layouts(results):
-    _check(results, "tables-", 11)
+    _check(results, "tables-", 12)
 
 
 def test_kernel_empty_input_and_tickets_reset(results):
