@@ -125,8 +125,10 @@ def _template_cases():
     from qcompile.lowering import inductor_lut, triton_lut as tl_
 
     n = 72
-    cases = ((3, 512, 3, torch.float32, tl_.DECODE_CONFIGS[0]), (17, 512, 4, torch.bfloat16, tl_.SMALL_BATCH_CONFIGS[0]),
-             (70, 200, 4, torch.float16, tl_.PREFILL_CONFIGS[2]), (1, 256, 3, torch.float16, tl_.DECODE_CONFIGS[3]))
+    cases = ((3, 512, 3, torch.float32, tl_.DECODE_CONFIGS[0]),
+             (17, 512, 4, torch.bfloat16, tl_.SMALL_BATCH_CONFIGS[0]),
+             (70, 200, 4, torch.float16, tl_.PREFILL_CONFIGS[2]),  # K = 200: EVEN_K False
+             (1, 256, 3, torch.float16, tl_.DECODE_CONFIGS[3]))
     for m, k, bits, dtype, c in cases:
         x = torch.randn(m, k).to(dtype)
         w = _weight(n, k, bits, table_dtype=torch.bfloat16 if dtype == torch.float32 else torch.float16)
