@@ -1,6 +1,7 @@
 """Quantized matmul kernels vs float, across batch sizes 1-64, on this machine's device.
 
     python benchmarks/bench_kernels.py            # CPU here; the same script on a CUDA machine
+    python benchmarks/bench_kernels.py --lut      # CUDA: adds a column for the LUT-mpGEMM kernel
 
 CPU:  qcompile's int4 kernel op (as compiled graphs call it; float32 compute) vs float32 and bf16
       `F.linear`, and torch's own CPU int4 kernel (`_weight_int4pack_mm_for_cpu`, bf16 only).
@@ -8,12 +9,14 @@ CPU:  qcompile's int4 kernel op (as compiled graphs call it; float32 compute) vs
       memory, not cache, as in decoding a real model. Median of 7 runs of a timed loop.
 CUDA: the Triton int4 kernel (`qcompile::int4_mm`) vs fp16 `torch.mm` (cuBLAS): CUDA-graph
       replays over weight copies larger than L2 (`do_bench_cudagraph`, median), so neither
-      Python launch overhead nor cache residency counts.
+      Python launch overhead nor cache residency counts. `--lut` adds `qcompile::lut_mm` (4-bit
+      codes, fp16 tables); benchmarks/bench_lut.py compares the two kernels in detail.
 Shapes: SmolLM2-135M's linears (hidden 576) and Llama-7B's (4096/11008); group size 64 on CPU
 (576 is not a multiple of 128), 128 on CUDA. Writes benchmarks/results/kernels_<device>.md/.png.
 """
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from pathlib import Path
@@ -76,7 +79,7 @@ def bench_cpu(n, k, m):
     }
 
 
-def bench_cuda(n, k, m):
+def bench_cuda(n, k, m, lut=False):
     """Kernel time per call. Each timed call runs a CUDA graph over enough weight copies (> 4x the
     L2 cache) that weights come from HBM, as in decoding, and launch overhead is left out."""
     import triton.testing
@@ -98,7 +101,18 @@ def bench_cuda(n, k, m):
 
     int4()  # autotune outside the graph and the timing
     ms = lambda f: triton.testing.do_bench_cudagraph(f, rep=200, return_mode="median") * 1e-3 / copies  # noqa: E731
-    return {"int4": ms(int4), "fp16": ms(fp16)}
+    times = {"int4": ms(int4), "fp16": ms(fp16)}
+    if lut:  # as many copies as int4 (the same code bytes), so the same share of them sits in L2
+        luts = [(pack_nibbles(torch.randint(0, 16, (n, k), device="cuda")),
+                 (torch.randn(n, 16, device="cuda") * 0.02).half()) for _ in range(copies)]
+
+        def lut_mm():
+            for codes, tables in luts:
+                torch.ops.qcompile.lut_mm(x, codes, tables)
+
+        lut_mm()
+        times["lut"] = ms(lut_mm)
+    return times
 
 
 def int4_bytes(n, k, m, group=64) -> int:
@@ -108,14 +122,19 @@ def int4_bytes(n, k, m, group=64) -> int:
 
 @torch.no_grad()
 def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--lut", action="store_true", help="CUDA: also time the LUT-mpGEMM kernel (qcompile::lut_mm)")
+    args = parser.parse_args()
     cuda = torch.cuda.is_available()
+    if args.lut and not cuda:
+        print("--lut: the LUT-mpGEMM kernel is CUDA-only here; timing the CPU kernels without it")
     device = "cuda" if cuda else "cpu"
     name = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
     base = "fp16" if cuda else "fp32"
     rows = []
     for label, (n, k) in SHAPES.items():
         for m in BATCHES:
-            t = bench_cuda(n, k, m) if cuda else bench_cpu(n, k, m)
+            t = bench_cuda(n, k, m, lut=args.lut) if cuda else bench_cpu(n, k, m)
             rows.append((label, m, t))
             print(f"{label:22} M={m:3d} " + "  ".join(f"{v}: {s * 1e6:9.1f} us" for v, s in t.items())
                   + f"  speedup vs {base}: {t[base] / t['int4']:.2f}x", flush=True)

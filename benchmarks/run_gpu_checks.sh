@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU-only checks of the int4 CUDA path, from a source tree (no pip install needed):
+# The GPU-only checks of the int4 and LUT CUDA paths, from a source tree (no pip install needed):
 #     benchmarks/run_gpu_checks.sh OUT_DIR
-# Runs tests/test_gpu_int4.py and the kernel benchmark (the TRITON_INTERPRET tests are CPU CI's:
+# Runs tests/test_gpu_int4.py, tests/test_gpu_lut.py and the kernel benchmarks (bench_lut.py exits
+# non-zero if its batch-1 floors are missed; the TRITON_INTERPRET tests are CPU CI's:
 # triton 3.6's interpreter fails under numpy >= 2.5, as on the GPU image); logs, the table and
 # the plot land in OUT_DIR. Exits non-zero if any step failed.
 set -uo pipefail
@@ -17,4 +18,8 @@ python -c "import torch, triton; print('torch', torch.__version__, 'triton', tri
 python -m pytest tests/test_gpu_int4.py -m gpu -v -rs 2>&1 | tee "$out/test_gpu_int4.log" || status=1
 python benchmarks/bench_kernels.py 2>&1 | tee "$out/bench_kernels.log" || status=1
 cp benchmarks/results/kernels_cuda.md benchmarks/results/kernels_cuda.png "$out/" 2>/dev/null
+# LUT-mpGEMM: ~3 min of tests (mostly Triton compiles while autotuning), ~1 min of benchmark
+python -m pytest tests/test_gpu_lut.py -m gpu -v -rs 2>&1 | tee "$out/test_gpu_lut.log" || status=1
+python benchmarks/bench_lut.py 2>&1 | tee "$out/bench_lut.log" || status=1
+cp benchmarks/results/lut_cuda.md "$out/" 2>/dev/null
 exit $status

@@ -27,6 +27,13 @@ except Exception as _e:  # no triton (silently), or a broken install (with a war
     if not (isinstance(_e, ImportError) and _e.name == "triton"):
         warnings.warn(f"qcompile: Triton int4 kernel unavailable ({type(_e).__name__}: {_e})", stacklevel=2)
 
+# CUDA path of qcompile::lut_mm (LUT-mpGEMM Triton kernel + Inductor lowering), the same way.
+try:
+    from . import inductor_lut, triton_lut
+except Exception as _e:
+    if not (isinstance(_e, ImportError) and _e.name == "triton"):
+        warnings.warn(f"qcompile: Triton lut kernel unavailable ({type(_e).__name__}: {_e})", stacklevel=2)
+
 
 def unsupported_reason(fmt: str, out_features: int, in_features: int, group_size: int | None,
                        device: torch.device) -> str | None:

@@ -33,15 +33,15 @@ DEVICE_TYPES = ("cuda",)  # where the lowering generates Triton; elsewhere the o
 # --- version-sensitive Inductor calls ------------------------------------------------------------
 # Written against torch 2.13's source (installed here); where older releases differ, both forms are
 # handled. The GPU image's torch 2.11 runs them only in tests/test_gpu_int4.py.
-def _make_template(source: str):
+def _make_template(source: str, name: str = TEMPLATE_NAME):
     # TritonTemplate(name=, grid=, source=): long-stable keywords. Reusing Inductor's mm_grid keeps
     # the grid in whatever form this release's template kernels expect (a SymbolicGridFn in 2.13).
     # 2.13 allows one template per name per process (asserted): drop ours first on a re-import.
     from torch._inductor.kernel.mm_common import mm_grid
     from torch._inductor.select_algorithm import TritonTemplate
 
-    getattr(TritonTemplate, "all_templates", {}).pop(TEMPLATE_NAME, None)
-    return TritonTemplate(name=TEMPLATE_NAME, grid=mm_grid, source=source)
+    getattr(TritonTemplate, "all_templates", {}).pop(name, None)
+    return TritonTemplate(name=name, grid=mm_grid, source=source)
 
 
 def _store_output_call() -> str:
@@ -54,14 +54,14 @@ def _store_output_call() -> str:
     return '{{store_output(("idx_m", "idx_n"), "acc", "mask"%s)}}' % (shape if has_shape else "")
 
 
-def _extern_choice():
+def _extern_choice(kernel=None, name: str = TEMPLATE_NAME):
     # ExternKernelChoice(kernel, name=, has_out_variant=): long-stable. The name must be new on the
     # extern_kernels namespace (asserted), so drop ours first on a re-import.
     from torch._inductor.select_algorithm import ExternKernelChoice, extern_kernels
 
-    if hasattr(extern_kernels, TEMPLATE_NAME):
-        delattr(extern_kernels, TEMPLATE_NAME)
-    return ExternKernelChoice(triton_int4.int4_mm_triton, name=TEMPLATE_NAME, has_out_variant=True)
+    if hasattr(extern_kernels, name):
+        delattr(extern_kernels, name)
+    return ExternKernelChoice(kernel or triton_int4.int4_mm_triton, name=name, has_out_variant=True)
 
 
 def _size_hint(expr) -> int:
@@ -86,12 +86,12 @@ def _guard_int(expr) -> int | None:
         return None
 
 
-def _select(choices, input_nodes, layout):
+def _select(choices, input_nodes, layout, name: str = TEMPLATE_NAME):
     # autotune_select_algorithm(name, choices, input_nodes, layout) returns (node, chosen choice) in
     # 2.13 and the node alone in older releases.
     from torch._inductor.select_algorithm import autotune_select_algorithm
 
-    result = autotune_select_algorithm(TEMPLATE_NAME, choices, input_nodes, layout)
+    result = autotune_select_algorithm(name, choices, input_nodes, layout)
     return result[0] if isinstance(result, tuple) else result
 
 
