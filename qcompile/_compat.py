@@ -105,3 +105,19 @@ def route_generate_through_compiled_forward() -> None:
 
     OptimizedModule.__getattr__ = __getattr__
     OptimizedModule._qcompile_routes_generate = True
+
+
+# --- attention ------------------------------------------------------------------------------------
+@functools.cache
+def sdpa_has_enable_gqa() -> bool:
+    """Whether F.scaled_dot_product_attention takes enable_gqa= (torch >= 2.5; its CPU flash kernel
+    then indexes the shared K/V head, its math fallback repeats K/V)."""
+    import torch.nn.functional as F
+
+    q = torch.zeros(1, 2, 1, 8)
+    kv = torch.zeros(1, 1, 1, 8)
+    try:
+        F.scaled_dot_product_attention(q, kv, kv, enable_gqa=True)
+    except (TypeError, RuntimeError):
+        return False
+    return True
