@@ -26,6 +26,13 @@ try:
 except Exception as _e:  # no triton (silently), or a broken install (with a warning)
     if not (isinstance(_e, ImportError) and _e.name == "triton"):
         warnings.warn(f"qcompile: Triton int4 kernel unavailable ({type(_e).__name__}: {_e})", stacklevel=2)
+# CUDA path of qcompile::gqa_attention (Triton flash-attention kernel over shared K/V heads); without
+# triton the op runs its SDPA path on CUDA.
+try:
+    from . import triton_attention
+except Exception as _e:
+    if not (isinstance(_e, ImportError) and _e.name == "triton"):
+        warnings.warn(f"qcompile: Triton attention kernel unavailable ({type(_e).__name__}: {_e})", stacklevel=2)
 
 
 def unsupported_reason(fmt: str, out_features: int, in_features: int, group_size: int | None,
