@@ -57,8 +57,9 @@ ALL_CONFIGS = DECODE_CONFIGS + PREFILL_CONFIGS
 
 def choose_config(q_len: int, group: int) -> AttentionConfig:
     """The heuristic tile for `q_len` query positions and `group` query heads per K/V head."""
-    c = DECODE_CONFIGS[0] if q_len * triton.next_power_of_2(group) <= 16 else PREFILL_CONFIGS[0]
-    return c._replace(block_m=max(c.block_m, triton.next_power_of_2(group)))
+    g_pad = triton.next_power_of_2(group)
+    c = DECODE_CONFIGS[0] if q_len == 1 or q_len * g_pad <= 16 else PREFILL_CONFIGS[0]
+    return c._replace(block_m=max(c.block_m, g_pad))
 
 
 def choose_splits(batch_kv_heads: int, q_blocks: int, kv_len: int, block_n: int, device) -> int:
