@@ -24,12 +24,14 @@ from ._compat import route_generate_through_compiled_forward as _route_generate 
 from .backend import DEFAULT as _DEFAULT_BACKEND, Backend, backend  # noqa: E402
 from .config import AttentionConfig, QuantConfig, RTNConfig, default_config  # noqa: E402
 from .explain import explain  # noqa: E402
+from .gqa import GQAConfig, convert_to_gqa  # noqa: E402
 from .quantize import quantize  # noqa: E402
 from .report import Report  # noqa: E402
 from .serialization import load, save  # noqa: E402
 
 __all__ = ["backend", "Backend", "quantize", "save", "load", "explain", "Report",
-           "QuantConfig", "RTNConfig", "default_config", "AttentionConfig"]
+           "QuantConfig", "RTNConfig", "default_config", "AttentionConfig",
+           "GQAConfig", "convert_to_gqa"]
 __version__ = "0.1.0"
 
 _route_generate()
