@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU-only checks of the int4 CUDA path, from a source tree (no pip install needed):
+# The GPU-only checks of the int4 and attention CUDA paths, from a source tree (no pip install needed):
 #     benchmarks/run_gpu_checks.sh OUT_DIR
-# Runs tests/test_gpu_int4.py, the interpreter tests, and the kernel benchmark; logs, the table and
+# Runs tests/test_gpu_int4.py, tests/test_gpu_attention.py, the interpreter tests, and the kernel
+# and attention benchmarks; logs, the table and
 # the plot land in OUT_DIR. Exits non-zero if any step failed.
 set -uo pipefail
 out=${1:?usage: $0 OUT_DIR}
@@ -17,4 +18,9 @@ python -m pytest tests/test_gpu_int4.py -m gpu -v -rs 2>&1 | tee "$out/test_gpu_
 python -m pytest tests/test_triton_int4.py -v 2>&1 | tee "$out/test_triton_int4.log" || status=1
 python benchmarks/bench_kernels.py 2>&1 | tee "$out/bench_kernels.log" || status=1
 cp benchmarks/results/kernels_cuda.md benchmarks/results/kernels_cuda.png "$out/" 2>/dev/null
+# attention: the Triton GQA kernel (interpreter tests too), the pass on CUDA, decode timing vs repeat_kv
+python -m pytest tests/test_gpu_attention.py -m gpu -v -rs 2>&1 | tee "$out/test_gpu_attention.log" || status=1
+python -m pytest tests/test_triton_attention.py -v 2>&1 | tee "$out/test_triton_attention.log" || status=1
+python benchmarks/bench_attention.py --skip-models 2>&1 | tee "$out/bench_attention.log" || status=1
+cp benchmarks/results/attention_cuda.md "$out/" 2>/dev/null
 exit $status
