@@ -73,13 +73,10 @@ def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | 
     if attn_mask is not None:
         if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
             raise TypeError(f"{name}: attn_mask must be bool (True = attend) or float (added), got {attn_mask.dtype}")
-        try:
-            torch.broadcast_shapes(attn_mask.shape, (b, hq, q.shape[2], s))
-        except RuntimeError:
+        full = (b, hq, q.shape[2], s)
+        if attn_mask.dim() > 4 or any(m != 1 and m != f for m, f in zip(reversed(attn_mask.shape), reversed(full))):
             raise ValueError(f"{name}: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
-                             f"[batch, q_heads, q_len, kv_len] = {[b, hq, q.shape[2], s]}") from None
-        if attn_mask.dim() > 4:
-            raise ValueError(f"{name}: attn_mask has {attn_mask.dim()} dimensions, at most 4")
+                             f"[batch, q_heads, q_len, kv_len] = {list(full)}")
     if alibi_slopes is not None:
         if tuple(alibi_slopes.shape) != (hq,) or not alibi_slopes.is_floating_point():
             raise ValueError(f"{name}: alibi_slopes must be a float tensor of shape [{hq}] (one per query head), "
@@ -157,29 +154,33 @@ def gqa_attention_sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None
                        scale: float | None = None, is_causal: bool = False) -> Tensor:
     """The op through torch's SDPA without repeating K/V.
 
-    Decode and non-causal attention: the G query heads of a K/V head become G*L rows of one head,
-    q [B, Hkv, G*L, D], so SDPA sees plain multi-head attention over the Hkv stored heads and each
-    K/V head is read once. Causal prefill: SDPA's own GQA (enable_gqa; its CPU flash kernel indexes
-    the shared head and skips masked blocks); the grouped layout would need an explicit causal mask.
+    CPU: SDPA's own GQA (enable_gqa=True). Its CPU flash kernel indexes the shared K/V head for each
+    query head (checked: no repeat_interleave; only its math fallback repeats, which this path never
+    asks for), takes a bool mask as is and skips masked blocks when causal; each K/V head is read G
+    times, from cache. Other devices (and Dv != D, which the flash kernel does not take): the G query
+    heads of a K/V head become G*L rows of one head, q [B, Hkv, G*L, D], so SDPA sees plain multi-head
+    attention over the Hkv stored heads; masks and ALiBi are laid out on those rows.
     """
     b, hq, L, d = q.shape
     hkv = k.shape[1]
     g = hq // hkv
-    native = (is_causal and L > 1 and attn_mask is None and alibi_slopes is None and q.device.type == "cpu"
-              and v.shape[3] == d and _compat.sdpa_has_enable_gqa())
-    if g == 1 or native:
-        bias = attention_bias(q, k, attn_mask, alibi_slopes, alibi_positions, False, q.dtype)
-        if bias is not None and is_causal:
-            bias = bias + attention_bias(q, k, None, None, None, True, q.dtype)
+    native = g == 1 or (q.device.type == "cpu" and v.shape[3] == d and _compat.sdpa_has_enable_gqa())
+    if native:
+        mask = attn_mask
+        if alibi_slopes is not None or (is_causal and attn_mask is not None):
+            mask = attention_bias(q, k, attn_mask, alibi_slopes, alibi_positions, is_causal, q.dtype)
             is_causal = False
         extra = {"enable_gqa": True} if g > 1 else {}
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, is_causal=is_causal, **extra)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, is_causal=is_causal, **extra)
         return out.contiguous()  # the op's output is contiguous (its fake says so); SDPA's may be [B, L, H, D]
-    bias = attention_bias(q, k, attn_mask, alibi_slopes, alibi_positions, is_causal, q.dtype)
     rows = q.reshape(b, hkv, g * L, d)
-    if bias is not None:
-        bias = _grouped_rows(bias.expand(bias.shape[0], bias.shape[1], L, bias.shape[3]), hkv, g)
-    out = F.scaled_dot_product_attention(rows, k, v, attn_mask=bias, scale=scale)
+    if alibi_slopes is None and not is_causal and attn_mask is not None:
+        mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+    else:
+        mask = attention_bias(q, k, attn_mask, alibi_slopes, alibi_positions, is_causal, q.dtype)
+    if mask is not None:
+        mask = _grouped_rows(mask.expand(mask.shape[0], mask.shape[1], L, mask.shape[3]), hkv, g)
+    out = F.scaled_dot_product_attention(rows, k, v, attn_mask=mask, scale=scale)
     return out.reshape(b, hq, L, v.shape[3]).contiguous()
 
 

