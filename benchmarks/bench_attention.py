@@ -142,8 +142,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--skip-models", action="store_true", help="only the decode attention timing")
     ap.add_argument("--repeats", type=int, default=50)
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (1 is steadier on a shared machine)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)

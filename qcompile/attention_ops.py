@@ -154,17 +154,18 @@ def gqa_attention_sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None
                        scale: float | None = None, is_causal: bool = False) -> Tensor:
     """The op through torch's SDPA without repeating K/V.
 
-    CPU: SDPA's own GQA (enable_gqa=True). Its CPU flash kernel indexes the shared K/V head for each
-    query head (checked: no repeat_interleave; only its math fallback repeats, which this path never
-    asks for), takes a bool mask as is and skips masked blocks when causal; each K/V head is read G
-    times, from cache. Other devices (and Dv != D, which the flash kernel does not take): the G query
-    heads of a K/V head become G*L rows of one head, q [B, Hkv, G*L, D], so SDPA sees plain multi-head
-    attention over the Hkv stored heads; masks and ALiBi are laid out on those rows.
+    Not causal (decode, encoders, padded prefill): the G query heads of a K/V head become G*L rows of
+    one head, q [B, Hkv, G*L, D], so SDPA sees plain multi-head attention over the Hkv stored heads and
+    reads each K/V head once (on 1 CPU thread, decode: 1.1x faster than SDPA's enable_gqa at SmolLM2
+    shapes, 1.8x at Llama-3-8B shapes with an 8k cache). Causal with L > 1 on CPU: SDPA's own GQA
+    (enable_gqa=True; its CPU flash kernel indexes the shared head, checked: no repeat_interleave, and
+    skips the masked blocks that the grouped rows would need an explicit mask for).
     """
     b, hq, L, d = q.shape
     hkv = k.shape[1]
     g = hq // hkv
-    native = g == 1 or (q.device.type == "cpu" and v.shape[3] == d and _compat.sdpa_has_enable_gqa())
+    native = g == 1 or (is_causal and L > 1 and q.device.type == "cpu" and v.shape[3] == d
+                        and _compat.sdpa_has_enable_gqa())
     if native:
         mask = attn_mask
         if alibi_slopes is not None or (is_causal and attn_mask is not None):
