@@ -102,21 +102,26 @@ def minilm_table(device) -> list[str]:
     calibration = [dict(tok(cal[i : i + 10], padding=True, return_tensors="pt").to(device)) for i in range(0, 50, 10)]
     ref = sentence_embeddings(model, tok, held)
     base_bytes = qcompile.gqa.kv_bytes_per_token(model)
-    rows = ["| K/V heads G | KV cache bytes / token | contiguous: mean cos (min) | similarity: mean cos (min) | "
-            "similarity - contiguous | calibration cost similarity / contiguous |", "|---|---|---|---|---|---|",
-            f"| 12 (float) | {base_bytes} | 1.0000 | 1.0000 | - | - |"]
+    rows = ["| K/V heads G | KV cache bytes / token | mean: contiguous, mean cos (min) | mean: similarity | "
+            "similarity - contiguous | calibration cost similarity / contiguous | pca: contiguous | pca: similarity |",
+            "|---|---|---|---|---|---|---|---|",
+            f"| 12 (float) | {base_bytes} | 1.0000 | 1.0000 | - | - | 1.0000 | 1.0000 |"]
     for g in (6, 4, 3, 2):
         res, costs, kv_bytes = {}, {}, None
-        for grouping in ("contiguous", "similarity"):
-            converted = copy.deepcopy(model)
-            report = qcompile.convert_to_gqa(converted, qcompile.GQAConfig(g, grouping), calibration=calibration)
-            cos = F.cosine_similarity(sentence_embeddings(converted, tok, held), ref, dim=-1)
-            res[grouping] = (cos.mean().item(), cos.min().item())
-            costs[grouping] = sum(x.cost for x in report.layers)
-            kv_bytes = report.kv_bytes_per_token_after
-        c, s = res["contiguous"], res["similarity"]
+        for merge in ("mean", "pca"):
+            for grouping in ("contiguous", "similarity"):
+                converted = copy.deepcopy(model)
+                report = qcompile.convert_to_gqa(converted, qcompile.GQAConfig(g, grouping, merge),
+                                                 calibration=calibration)
+                cos = F.cosine_similarity(sentence_embeddings(converted, tok, held), ref, dim=-1)
+                res[merge, grouping] = (cos.mean().item(), cos.min().item())
+                costs[grouping] = sum(x.cost for x in report.layers)
+                kv_bytes = report.kv_bytes_per_token_after
+        c, s = res["mean", "contiguous"], res["mean", "similarity"]
+        pc, ps = res["pca", "contiguous"], res["pca", "similarity"]
         rows.append(f"| {g} | {kv_bytes} | {c[0]:.4f} ({c[1]:.3f}) | {s[0]:.4f} ({s[1]:.3f}) | "
-                    f"{s[0] - c[0]:+.4f} | {costs['similarity'] / costs['contiguous']:.3f} |")
+                    f"{s[0] - c[0]:+.4f} | {costs['similarity'] / costs['contiguous']:.3f} | "
+                    f"{pc[0]:.4f} ({pc[1]:.3f}) | {ps[0]:.4f} ({ps[1]:.3f}) |")
     return rows
 
 
@@ -126,15 +131,19 @@ def smollm2_table(device) -> list[str]:
     model, tok = load_model()
     model.to(device)
     ids = tok(held_out_text(), return_tensors="pt").input_ids
-    rows = ["| K/V heads | KV cache bytes / token (fp32) | KV cache MiB at 2048 tokens | perplexity (GPL-3, 1024 tok) |",
-            "|---|---|---|---|"]
-    for g in (3, 1):
-        if g < 3:
-            qcompile.convert_to_gqa(model, qcompile.GQAConfig(g))
-        b = qcompile.gqa.kv_bytes_per_token(model)
-        ppl = perplexity(model, ids=ids, progress=False)
-        rows.append(f"| {g}{' (float model)' if g == 3 else ' (mean-pooled, no uptraining)'} | {b} | "
-                    f"{b * 2048 / 2**20:.1f} | {ppl:.2f} |")
+    cal = sentences("calibration")
+    calibration = [dict(tok(cal[i : i + 10], padding=True, return_tensors="pt").to(device)) for i in range(0, 50, 10)]
+    rows = ["| K/V heads | merge | KV cache bytes / token (fp32) | KV cache MiB at 2048 tokens | "
+            "perplexity (GPL-3, 1024 tok) |", "|---|---|---|---|---|"]
+    for g, merge in ((3, None), (1, "mean"), (1, "pca")):
+        converted = copy.deepcopy(model)
+        if merge:
+            qcompile.convert_to_gqa(converted, qcompile.GQAConfig(g, merge=merge), calibration=calibration)
+        b = qcompile.gqa.kv_bytes_per_token(converted)
+        ppl = perplexity(converted, ids=ids, progress=False)
+        what = {None: "- (float model)", "mean": "mean-pooled K and V", "pca": "V by PCA, K mean-pooled (RoPE)"}
+        rows.append(f"| {g} | {what[merge]} | {b} | {b * 2048 / 2**20:.1f} | {ppl:.2f} |")
+        del converted
     return rows
 
 
@@ -154,10 +163,12 @@ def main() -> None:
     lines = [f"# Attention ({name}; torch {torch.__version__})", "",
              "Written by `python benchmarks/bench_attention.py`.", ""]
     if not args.skip_models:
-        lines += ["## all-MiniLM-L6-v2: MHA (12 heads) -> GQA, mean-pooled K/V projections, no training", "",
+        lines += ["## all-MiniLM-L6-v2: MHA (12 heads) -> GQA, no training", "",
                   "Cosine similarity of mean-pooled sentence embeddings to the float model, 50 held-out sentences "
-                  "(`qcompile/data/sentences_heldout.txt`); similarity grouping calibrated on 50 other sentences. "
-                  "Calibration cost: what mean pooling loses on the calibration tokens (see `qcompile/gqa.py`).", ""]
+                  "(`qcompile/data/sentences_heldout.txt`); similarity grouping and PCA merging calibrated on 50 "
+                  "other sentences. mean: mean-pooled K/V projections (the GQA paper's conversion); pca: "
+                  "GQAConfig(merge='pca'). Calibration cost: what mean pooling loses on the calibration tokens "
+                  "(see `qcompile/gqa.py`).", ""]
         lines += minilm_table(device) + [""]
         lines += ["## SmolLM2-135M: 3 -> 1 K/V heads", ""] + smollm2_table(device) + [""]
     load = f"; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (shared machine)" \

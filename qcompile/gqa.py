@@ -25,6 +25,14 @@ Grouping:
                 improved the same way, and the cheaper result is kept, so on the calibration data the
                 similarity grouping never loses to the contiguous one. (Cosine similarity ignores the
                 head norms, which mean pooling does not; the squared distance is its cost exactly.)
+Merging (GQAConfig.merge):
+  "mean"  the GQA paper's conversion (above); needs no data.
+  "pca"   (opt-in, needs calibration) a group's m heads, stacked [m*D], are replaced by their top-D
+          principal directions P on the calibration tokens (uncentred second moments, so biases too):
+          merged head z = P^T x, member i ~ z P_i^T. The maps fold back exactly: the query heads of
+          member i get q P_i (scores q.k_i ~ (q P_i).z), the output projection's columns O_h P_i. The
+          best rank-D fit, so never worse than the mean on the calibration tokens. K only in models
+          without rotary embeddings (q P_i does not commute with RoPE); V always.
 Not handled (specific errors): fused qkv projections (GPT-2 c_attn, BLOOM query_key_value), per-head
 key norms (Qwen3 k_norm: the mean of normalised keys is not the norm of the mean), attention
 implementations that ignore `num_key_value_groups` (BERT's eager attention: load with sdpa).
@@ -49,11 +57,17 @@ class GQAConfig:
     Attributes:
         num_kv_heads: key/value heads per layer after conversion (divides the current count).
         grouping: "contiguous" or "similarity" (needs `calibration` in `convert_to_gqa`).
-        max_calibration_tokens: tokens per layer used for the similarity statistics.
+        merge: how a group's heads become one: "mean" (mean-pooled projections, the GQA paper's
+            conversion) or "pca" (needs calibration): the group's K (V) outputs, stacked, are replaced
+            by their best rank-head_dim approximation on the calibration tokens; the per-head maps back
+            fold into the query (K) and output (V) projections. K is merged this way only in models
+            without rotary embeddings (RoPE does not commute with those maps); V always.
+        max_calibration_tokens: tokens per layer used for the statistics.
     """
 
     num_kv_heads: int
     grouping: str = "contiguous"
+    merge: str = "mean"
     max_calibration_tokens: int = 16384
 
     def validate(self) -> None:
@@ -61,6 +75,8 @@ class GQAConfig:
             raise ValueError(f"GQAConfig(num_kv_heads={self.num_kv_heads!r}): use an integer >= 1")
         if self.grouping not in ("contiguous", "similarity"):
             raise ValueError(f"GQAConfig(grouping={self.grouping!r}): use 'contiguous' or 'similarity'")
+        if self.merge not in ("mean", "pca"):
+            raise ValueError(f"GQAConfig(merge={self.merge!r}): use 'mean' or 'pca'")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -75,6 +91,7 @@ class GQALayerReport:
     groups: list[list[int]]           # old K/V heads merged into each new head
     cost: float | None = None         # calibration cost of the groups (None: no data)
     contiguous_cost: float | None = None
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -206,10 +223,13 @@ def similarity_groups(cost: torch.Tensor, groups: int) -> list[list[int]]:
 class _HeadStats:
     """Gram matrices of one layer's per-head K and V outputs over calibration tokens."""
 
-    def __init__(self, heads: int, head_dim: int, limit: int):
+    def __init__(self, heads: int, head_dim: int, limit: int, moments: bool = False):
         self.heads, self.head_dim, self.limit = heads, head_dim, limit
         self.gram = {"k": torch.zeros(heads, heads, dtype=torch.float64),
                      "v": torch.zeros(heads, heads, dtype=torch.float64)}
+        # full second moments [H*D, H*D] (merge="pca" only: 2 * (H*D)^2 doubles per layer)
+        n = heads * head_dim
+        self.moment = {w: torch.zeros(n, n, dtype=torch.float64) for w in "kv"} if moments else None
         self.tokens = {"k": 0, "v": 0}
 
     def add(self, which: str, out: torch.Tensor, keep: torch.Tensor | None) -> None:
@@ -218,6 +238,9 @@ class _HeadStats:
             x = x[keep.reshape(-1)]
         x = x[: max(0, self.limit - self.tokens[which])]
         self.gram[which] += torch.einsum("thd,tgd->hg", x, x)
+        if self.moment is not None:
+            flat = x.reshape(x.shape[0], -1)
+            self.moment[which] += flat.t() @ flat
         self.tokens[which] += x.shape[0]
 
     def cost(self) -> torch.Tensor:
@@ -230,8 +253,9 @@ class _HeadStats:
 
 
 @torch.no_grad()
-def _calibrate(model: nn.Module, layers: list[_Layer], calibration, limit: int) -> list[torch.Tensor]:
-    stats = [_HeadStats(x.kv_heads, x.head_dim, limit) for x in layers]
+def _calibrate(model: nn.Module, layers: list[_Layer], calibration, limit: int,
+               moments: bool = False) -> list[_HeadStats]:
+    stats = [_HeadStats(x.kv_heads, x.head_dim, limit, moments) for x in layers]
     keep = {"mask": None}
     hooks = []
     for layer, st in zip(layers, stats):
@@ -250,7 +274,7 @@ def _calibrate(model: nn.Module, layers: list[_Layer], calibration, limit: int) 
             h.remove()
     if any(st.tokens["k"] == 0 for st in stats):
         raise GQAConversionError("calibration data reached no attention layer (empty calibration?)")
-    return [st.cost() for st in stats]
+    return stats
 
 
 # --- conversion -------------------------------------------------------------------------------------------
@@ -258,35 +282,74 @@ def _head_rows(w: torch.Tensor, head_dim: int) -> torch.Tensor:
     return w.reshape(-1, head_dim, *w.shape[1:])
 
 
+def _pca_basis(moment: torch.Tensor, members: list[int], d: int) -> torch.Tensor:
+    """[m*d, d]: the top-d principal directions of the members' stacked outputs (uncentred, so biases
+    are approximated too). Rows p*d:(p+1)*d map the merged head back to member p."""
+    idx = torch.cat([torch.arange(h * d, (h + 1) * d) for h in members])
+    _, vectors = torch.linalg.eigh(moment[idx][:, idx])
+    return vectors[:, -d:].flip(-1)
+
+
+def _has_rotary(layer: _Layer) -> bool:
+    import inspect
+
+    return "position_embeddings" in inspect.signature(layer.module.forward).parameters
+
+
 @torch.no_grad()
-def _merge(layer: _Layer, groups: list[list[int]]) -> None:
+def _merge(layer: _Layer, groups: list[list[int]], merge: str = "mean", stats: _HeadStats | None = None) -> list[str]:
+    """Merge the K/V heads of `layer` by `groups` in place; returns notes (what was merged how)."""
     d, hq, hkv = layer.head_dim, layer.q_heads, layer.kv_heads
     reps = hq // hkv
-    for lin in (layer.k, layer.v):
-        w = _head_rows(lin.weight, d)
-        new = torch.stack([w[g].mean(0) for g in groups]).reshape(len(groups) * d, -1)
-        merged = nn.Linear(lin.in_features, new.shape[0], bias=lin.bias is not None,
-                           device=new.device, dtype=new.dtype)
+    notes = []
+    q_maps: dict[int, torch.Tensor] = {}  # original K/V head -> [d, d] map folded into its query heads
+    o_maps: dict[int, torch.Tensor] = {}  # ... folded into the output projection
+    for which, lin in (("k", layer.k), ("v", layer.v)):
+        pca = merge == "pca" and not (which == "k" and _has_rotary(layer))
+        if merge == "pca" and not pca:
+            notes.append("K mean-pooled (rotary embeddings)")
+        w = _head_rows(lin.weight, d).double()
+        b = lin.bias.reshape(-1, d).double() if lin.bias is not None else None
+        new_w, new_b = [], []
+        for g in groups:
+            if pca:
+                basis = _pca_basis(stats.moment[which], g, d)           # [m*d, d]
+                new_w.append(basis.t() @ w[g].reshape(len(g) * d, -1))
+                new_b.append(basis.t() @ b[g].reshape(-1) if b is not None else None)
+                for p, h in enumerate(g):
+                    (q_maps if which == "k" else o_maps)[h] = basis[p * d:(p + 1) * d]
+            else:
+                new_w.append(w[g].mean(0))
+                new_b.append(b[g].mean(0) if b is not None else None)
+        new = torch.cat(new_w).to(lin.weight.dtype)
+        merged = nn.Linear(lin.in_features, new.shape[0], bias=b is not None, device=new.device, dtype=new.dtype)
         merged.weight.copy_(new)
-        if lin.bias is not None:
-            b = lin.bias.reshape(-1, d)
-            merged.bias.copy_(torch.stack([b[g].mean(0) for g in groups]).reshape(-1))
-        lin.weight = merged.weight
-        lin.bias = merged.bias
-        lin.out_features = new.shape[0]
+        if b is not None:
+            merged.bias.copy_(torch.cat(new_b).to(lin.bias.dtype))
+        lin.weight, lin.bias, lin.out_features = merged.weight, merged.bias, new.shape[0]
+    # fold the per-head maps: score q_h . k_i ~ (q_h P_i) . z;  output v_i ~ z P_i^T, so O_h -> O_h P_i
+    q_w = _head_rows(layer.q.weight, d).double()
+    q_b = layer.q.bias.reshape(hq, d).double() if layer.q.bias is not None else None
+    o_w = layer.o.weight.reshape(layer.o.out_features, hq, d).double()
+    for h in range(hq):
+        i = h // reps
+        if i in q_maps:
+            q_w[h] = q_maps[i].t() @ q_w[h]
+            if q_b is not None:
+                q_b[h] = q_maps[i].t() @ q_b[h]
+        if i in o_maps:
+            o_w[:, h] = o_w[:, h] @ o_maps[i]
     # query heads served by each merged head, in order; the output projection's columns follow
     order = torch.tensor([h * reps + r for g in groups for h in g for r in range(reps)])
-    if not torch.equal(order, torch.arange(hq)):
-        q_w = _head_rows(layer.q.weight, d)[order].reshape(hq * d, -1)
-        layer.q.weight.copy_(q_w)
-        if layer.q.bias is not None:
-            layer.q.bias.copy_(layer.q.bias.reshape(hq, d)[order].reshape(-1))
-        o_w = layer.o.weight.reshape(layer.o.out_features, hq, d)[:, order].reshape(layer.o.out_features, -1)
-        layer.o.weight.copy_(o_w)
+    layer.q.weight.copy_(q_w[order].reshape(hq * d, -1))
+    if q_b is not None:
+        layer.q.bias.copy_(q_b[order].reshape(-1))
+    layer.o.weight.copy_(o_w[:, order].reshape(layer.o.out_features, -1))
     mod = layer.module
     mod.num_key_value_groups = hq // len(groups)
     if hasattr(mod, "num_key_value_heads"):
         mod.num_key_value_heads = len(groups)
+    return notes
 
 
 def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype | None = None) -> int:
@@ -310,12 +373,14 @@ def convert_to_gqa(model: nn.Module, config: GQAConfig, calibration=None) -> GQA
         if x.kv_heads % config.num_kv_heads:
             raise GQAConversionError(f"{x.path}: {x.kv_heads} K/V heads cannot be split into "
                                      f"{config.num_kv_heads} equal groups")
-    if config.grouping == "similarity" and calibration is None:
-        raise GQAConversionError("grouping='similarity' needs calibration data (convert_to_gqa(..., calibration=...))")
+    if (config.grouping == "similarity" or config.merge == "pca") and calibration is None:
+        raise GQAConversionError(f"grouping={config.grouping!r}, merge={config.merge!r} needs calibration data "
+                                 "(convert_to_gqa(..., calibration=...))")
     report = GQAReport(config.to_dict(), kv_bytes_per_token_before=kv_bytes_per_token(model))
-    costs = _calibrate(model, layers, calibration, config.max_calibration_tokens) if calibration is not None \
-        else [None] * len(layers)
-    for layer, cost in zip(layers, costs):
+    stats = _calibrate(model, layers, calibration, config.max_calibration_tokens, config.merge == "pca") \
+        if calibration is not None else [None] * len(layers)
+    for layer, st in zip(layers, stats):
+        cost = st.cost() if st is not None else None
         before = layer.kv_heads
         contiguous = contiguous_groups(before, config.num_kv_heads)
         groups = similarity_groups(cost, config.num_kv_heads) if config.grouping == "similarity" else contiguous
@@ -323,7 +388,7 @@ def convert_to_gqa(model: nn.Module, config: GQAConfig, calibration=None) -> GQA
             layer.path, layer.q_heads, before, config.num_kv_heads, groups,
             None if cost is None else grouping_cost(cost, groups),
             None if cost is None else grouping_cost(cost, contiguous)))
-        _merge(layer, groups)
+        report.layers[-1].notes = _merge(layer, groups, config.merge, st)
     if hasattr(model, "config") and hasattr(model.config, "num_key_value_heads"):
         model.config.num_key_value_heads = config.num_kv_heads
     report.kv_bytes_per_token_after = kv_bytes_per_token(model)

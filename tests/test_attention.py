@@ -414,3 +414,35 @@ def test_conversion_of_mha_bert_and_errors():
         qcompile.convert_to_gqa(tiny_gpt2(), qcompile.GQAConfig(2))
     with pytest.raises(ValueError, match="grouping"):
         qcompile.convert_to_gqa(tiny_llama(), qcompile.GQAConfig(1, "random"))
+
+
+def test_pca_merge_is_lossless_when_a_group_spans_one_head_and_mean_is_not():
+    """BERT heads 1 and 3 are orthogonal transforms of heads 0 and 2 (K and V): each contiguous pair
+    spans head_dim dimensions, so merge="pca" keeps them exactly (the maps fold into q and the output
+    projection); mean pooling does not. Llama (rotary) gets V merged by PCA and K mean-pooled."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                intermediate_size=128)).eval()
+    with torch.no_grad():
+        for layer in bert.encoder.layer:
+            for lin in (layer.attention.self.key, layer.attention.self.value):
+                w, b = lin.weight.view(4, 16, 64), lin.bias.view(4, 16)
+                for src, dst in ((0, 1), (2, 3)):
+                    rot = torch.linalg.qr(torch.randn(16, 16))[0]
+                    w[dst], b[dst] = rot @ w[src], rot @ b[src]
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = bert(ids).last_hidden_state
+    errors = {}
+    for merge in ("mean", "pca"):
+        converted = copy.deepcopy(bert)
+        qcompile.convert_to_gqa(converted, qcompile.GQAConfig(2, merge=merge), calibration=[ids])
+        with torch.no_grad():
+            errors[merge] = (converted(ids).last_hidden_state - ref).abs().max().item()
+    assert errors["pca"] < 1e-4 < 1e-2 < errors["mean"], errors
+    report = qcompile.convert_to_gqa(tiny_llama(), qcompile.GQAConfig(1, merge="pca"), calibration=[ids])
+    assert report.layers[0].notes == ["K mean-pooled (rotary embeddings)"]
+    with pytest.raises(qcompile.gqa.GQAConversionError, match="needs calibration"):
+        qcompile.convert_to_gqa(tiny_llama(), qcompile.GQAConfig(1, merge="pca"))
