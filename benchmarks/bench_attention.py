@@ -141,7 +141,7 @@ def smollm2_table(device) -> list[str]:
             qcompile.convert_to_gqa(converted, qcompile.GQAConfig(g, merge=merge), calibration=calibration)
         b = qcompile.gqa.kv_bytes_per_token(converted)
         ppl = perplexity(converted, ids=ids, progress=False)
-        what = {None: "- (float model)", "mean": "mean-pooled K and V", "pca": "V by PCA, K mean-pooled (RoPE)"}
+        what = {None: "- (float model)", "mean": "mean-pooled K and V", "pca": "pca: V rank-64 fit, K per rotary frequency"}
         rows.append(f"| {g} | {what[merge]} | {b} | {b * 2048 / 2**20:.1f} | {ppl:.2f} |")
         del converted
     return rows

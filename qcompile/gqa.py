@@ -31,8 +31,9 @@ Merging (GQAConfig.merge):
           principal directions P on the calibration tokens (uncentred second moments, so biases too):
           merged head z = P^T x, member i ~ z P_i^T. The maps fold back exactly: the query heads of
           member i get q P_i (scores q.k_i ~ (q P_i).z), the output projection's columns O_h P_i. The
-          best rank-D fit, so never worse than the mean on the calibration tokens. K only in models
-          without rotary embeddings (q P_i does not commute with RoPE); V always.
+          best rank-D fit, so never worse than the mean on the calibration tokens. Under rotary
+          embeddings (rotate_half layout) K maps must commute with RoPE: per frequency, the members'
+          (x, y) pairs as complex numbers get a rank-1 complex fit (`_rope_basis`), still exact to fold.
 Not handled (specific errors): fused qkv projections (GPT-2 c_attn, BLOOM query_key_value), per-head
 key norms (Qwen3 k_norm: the mean of normalised keys is not the norm of the mean), attention
 implementations that ignore `num_key_value_groups` (BERT's eager attention: load with sdpa).
@@ -290,10 +291,39 @@ def _pca_basis(moment: torch.Tensor, members: list[int], d: int) -> torch.Tensor
     return vectors[:, -d:].flip(-1)
 
 
-def _has_rotary(layer: _Layer) -> bool:
-    import inspect
+def _rope_basis(moment: torch.Tensor, members: list[int], d: int) -> torch.Tensor:
+    """Like `_pca_basis`, restricted to maps that commute with rotary embeddings (rotate_half pairs
+    (j, j + d/2) rotate by one angle): per frequency j the members' pairs, as complex numbers
+    k_a = x_a + i y_a, are fitted by k_a ~ u_a z with z = sum_a conj(u_a) k_a, u the top eigenvector
+    of E[k k^H] (rank 1 over the group for each frequency). Multiplying by a complex number commutes
+    with the rotation, so the query fold q -> conj(u_a) q is exact under RoPE."""
+    half, m = d // 2, len(members)
+    basis = torch.zeros(m * d, d, dtype=torch.float64)
+    for j in range(half):
+        xs = [h * d + j for h in members]
+        ys = [h * d + j + half for h in members]
+        mxx, myy = moment[xs][:, xs], moment[ys][:, ys]
+        cross = moment[ys][:, xs] - moment[xs][:, ys]       # E[y_a x_b - x_a y_b]
+        hermitian = torch.complex(mxx + myy, cross)          # E[k_a conj(k_b)]
+        u = torch.linalg.eigh(hermitian)[1][:, -1]
+        for a in range(m):
+            ur, ui = u[a].real, u[a].imag
+            basis[a * d + j, j], basis[a * d + j + half, j] = ur, ui
+            basis[a * d + j, j + half], basis[a * d + j + half, j + half] = -ui, ur
+    return basis
 
-    return "position_embeddings" in inspect.signature(layer.module.forward).parameters
+
+def _rotary(layer: _Layer) -> str | None:
+    """None (no rotary embeddings), "rotate_half" (HF Llama convention, full head), or "other"."""
+    import inspect
+    import sys
+
+    if "position_embeddings" not in inspect.signature(layer.module.forward).parameters:
+        return None
+    module = sys.modules.get(type(layer.module).__module__)
+    config = getattr(layer.module, "config", None)
+    partial = getattr(config, "partial_rotary_factor", 1.0) or 1.0
+    return "rotate_half" if hasattr(module, "rotate_half") and partial == 1.0 and layer.head_dim % 2 == 0 else "other"
 
 
 @torch.no_grad()
@@ -304,16 +334,20 @@ def _merge(layer: _Layer, groups: list[list[int]], merge: str = "mean", stats: _
     notes = []
     q_maps: dict[int, torch.Tensor] = {}  # original K/V head -> [d, d] map folded into its query heads
     o_maps: dict[int, torch.Tensor] = {}  # ... folded into the output projection
+    rotary = _rotary(layer)
     for which, lin in (("k", layer.k), ("v", layer.v)):
-        pca = merge == "pca" and not (which == "k" and _has_rotary(layer))
+        pca = merge == "pca" and not (which == "k" and rotary == "other")
         if merge == "pca" and not pca:
-            notes.append("K mean-pooled (rotary embeddings)")
+            notes.append("K mean-pooled (rotary embeddings of an unknown layout)")
+        fit = _rope_basis if which == "k" and rotary == "rotate_half" else _pca_basis
+        if merge == "pca" and fit is _rope_basis:
+            notes.append("K merged per rotary frequency (complex rank-1 fit)")
         w = _head_rows(lin.weight, d).double()
         b = lin.bias.reshape(-1, d).double() if lin.bias is not None else None
         new_w, new_b = [], []
         for g in groups:
             if pca:
-                basis = _pca_basis(stats.moment[which], g, d)           # [m*d, d]
+                basis = fit(stats.moment[which], g, d)                  # [m*d, d]
                 new_w.append(basis.t() @ w[g].reshape(len(g) * d, -1))
                 new_b.append(basis.t() @ b[g].reshape(-1) if b is not None else None)
                 for p, h in enumerate(g):

@@ -419,7 +419,7 @@ def test_conversion_of_mha_bert_and_errors():
 def test_pca_merge_is_lossless_when_a_group_spans_one_head_and_mean_is_not():
     """BERT heads 1 and 3 are orthogonal transforms of heads 0 and 2 (K and V): each contiguous pair
     spans head_dim dimensions, so merge="pca" keeps them exactly (the maps fold into q and the output
-    projection); mean pooling does not. Llama (rotary) gets V merged by PCA and K mean-pooled."""
+    projection); mean pooling does not. Llama (rotary): K is fitted per rotary frequency."""
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
@@ -442,7 +442,26 @@ def test_pca_merge_is_lossless_when_a_group_spans_one_head_and_mean_is_not():
         with torch.no_grad():
             errors[merge] = (converted(ids).last_hidden_state - ref).abs().max().item()
     assert errors["pca"] < 1e-4 < 1e-2 < errors["mean"], errors
-    report = qcompile.convert_to_gqa(tiny_llama(), qcompile.GQAConfig(1, merge="pca"), calibration=[ids])
-    assert report.layers[0].notes == ["K mean-pooled (rotary embeddings)"]
+    # Llama (RoPE): K head 1 = K head 0 times a complex number per rotary frequency, V head 1 = R V head 0
+    llama = tiny_llama()
+    with torch.no_grad():
+        for layer in llama.model.layers:
+            k = layer.self_attn.k_proj.weight.view(2, 32, 128)
+            c = torch.randn(16, dtype=torch.complex64)
+            x, y = k[0, :16], k[0, 16:]
+            k[1, :16] = c.real[:, None] * x - c.imag[:, None] * y
+            k[1, 16:] = c.imag[:, None] * x + c.real[:, None] * y
+            v = layer.self_attn.v_proj.weight.view(2, 32, 128)
+            v[1] = torch.linalg.qr(torch.randn(32, 32))[0] @ v[0]
+    with torch.no_grad():
+        ref = llama(ids).logits
+    errors = {}
+    for merge in ("mean", "pca"):
+        converted = copy.deepcopy(llama)
+        report = qcompile.convert_to_gqa(converted, qcompile.GQAConfig(1, merge=merge), calibration=[ids])
+        with torch.no_grad():
+            errors[merge] = (converted(ids).logits - ref).abs().max().item()
+    assert report.layers[0].notes == ["K merged per rotary frequency (complex rank-1 fit)"]
+    assert errors["pca"] < 1e-4 < 1e-2 < errors["mean"], errors
     with pytest.raises(qcompile.gqa.GQAConversionError, match="needs calibration"):
         qcompile.convert_to_gqa(tiny_llama(), qcompile.GQAConfig(1, merge="pca"))
