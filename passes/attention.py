@@ -92,6 +92,13 @@ def _static(x):
     return x if isinstance(x, int) else None
 
 
+def _same(a, b) -> bool:
+    """Equal sizes, comparing symbolic ones by expression (no shape guard is added)."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    return str(a) == str(b)
+
+
 def _shape(node) -> tuple | None:
     return shape_of(node) if isinstance(node, fx.Node) else None
 
@@ -391,6 +398,10 @@ def _decide(site: AttentionSite, ctx: PassContext) -> str | None:
         md = _dtype(site.mask)
         if md is not None and md != torch.bool and not md.is_floating_point:
             return f"mask dtype {md} is neither bool nor float"
+    out, vs, qs = _shape(site.output), _shape(site.v), _shape(site.q)
+    expected = ((qs[0] * hq, qs[2]) if site.flatten_output else (qs[0], hq, qs[2])) + (vs[3],)
+    if out is None or len(out) != len(expected) or not all(_same(a, b) for a, b in zip(out, expected)):
+        return f"the value matmul's output {out} is not [batch, heads, q_len, head_dim] of q and v"
     if hq == hkv and site.alibi_slopes is None and ctx.attention.mha == "keep":
         return "multi-head (Hq == Hkv), no ALiBi: no repeated K/V to remove; left to SDPA/Inductor"
     return None

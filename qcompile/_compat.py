@@ -121,3 +121,11 @@ def sdpa_has_enable_gqa() -> bool:
     except (TypeError, RuntimeError):
         return False
     return True
+
+
+def register_inductor_decomposition(op, fn) -> None:
+    """Add `fn` to Inductor's decomposition table for `op` (fn may return NotImplemented to keep the op).
+    torch._inductor.decomposition.register_decomposition in 2.11 and 2.13."""
+    from torch._inductor.decomposition import register_decomposition
+
+    register_decomposition(op)(fn)
