@@ -56,7 +56,7 @@ class AttentionSite:
     v: fx.Node
     pattern: str
     kv_repeat: str
-    mask: fx.Node | None = None
+    mask: fx.Node | tuple | None = None    # a tuple: several additive terms, summed when inserted
     scale: float | None = None
     is_causal: bool = False
     alibi_slopes: fx.Node | None = None     # [H, 1, 1] or [H, 1] (reshaped to [H])
@@ -190,8 +190,6 @@ def _is_kt(node, rank: int) -> fx.Node | None:
         d = sorted(a % rank if isinstance(a, int) else a for a in node.args[1:3])
         if d == [rank - 2, rank - 1]:
             return node.args[0]
-    if _is_call(node, (), ("mT",)):
-        return node.args[0]
     return None
 
 
@@ -287,8 +285,8 @@ def _parse_eager(softmax: fx.Node) -> AttentionSite:
     return site
 
 
-def _sum_terms(terms: list) -> fx.Node | None:
-    """The additive terms as one node (inserted later, before the op); here: one term, or a marker list."""
+def _sum_terms(terms: list):
+    """The additive mask: None, one node, or a tuple of nodes that `_insert` sums before the op."""
     if not terms:
         return None
     if len(terms) == 1:
