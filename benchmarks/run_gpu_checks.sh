@@ -21,6 +21,8 @@ cp benchmarks/results/kernels_cuda.md benchmarks/results/kernels_cuda.png "$out/
 # attention: the Triton GQA kernel (interpreter tests too), the pass on CUDA, decode timing vs repeat_kv
 python -m pytest tests/test_gpu_attention.py -m gpu -v -rs 2>&1 | tee "$out/test_gpu_attention.log" || status=1
 python -m pytest tests/test_triton_attention.py -v 2>&1 | tee "$out/test_triton_attention.log" || status=1
+# the pass against this image's transformers (5.17) graphs: tiny models, on the CPU
+python -m pytest tests/test_attention.py -q 2>&1 | tee "$out/test_attention.log" || status=1
 python benchmarks/bench_attention.py --skip-models 2>&1 | tee "$out/bench_attention.log" || status=1
 cp benchmarks/results/attention_cuda.md "$out/" 2>/dev/null
 exit $status
