@@ -26,6 +26,17 @@ try:
 except Exception as _e:  # no triton (silently), or a broken install (with a warning)
     if not (isinstance(_e, ImportError) and _e.name == "triton"):
         warnings.warn(f"qcompile: Triton int4 kernel unavailable ({type(_e).__name__}: {_e})", stacklevel=2)
+# qcompile::gqa_attention under Inductor: on CPU decomposed into aten SDPA (no Python per call).
+from . import inductor_attention  # noqa: E402
+
+inductor_attention.register()
+# CUDA path of qcompile::gqa_attention (Triton flash-attention kernel over shared K/V heads); without
+# triton the op runs its SDPA path on CUDA.
+try:
+    from . import triton_attention
+except Exception as _e:
+    if not (isinstance(_e, ImportError) and _e.name == "triton"):
+        warnings.warn(f"qcompile: Triton attention kernel unavailable ({type(_e).__name__}: {_e})", stacklevel=2)
 
 # CUDA path of qcompile::lut_mm (LUT-mpGEMM Triton kernel + Inductor lowering), the same way.
 try:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from qcompile.config import QuantConfig
+from qcompile.config import AttentionConfig, QuantConfig
 from qcompile.report import GraphReport
 
 
@@ -49,6 +49,7 @@ class PassContext:
     fuse_projections: bool = True
     store: WeightStore = STORE
     new_inputs: list[torch.Tensor] = field(default_factory=list)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
 
     def add_input(self, graph: fx.Graph, name: str, tensor: torch.Tensor) -> fx.Node:
         """A new graph input (appended after the existing ones) that will be fed `tensor`."""

@@ -115,3 +115,27 @@ def route_generate_through_compiled_forward() -> None:
 
     OptimizedModule.__getattr__ = __getattr__
     OptimizedModule._qcompile_routes_generate = True
+
+
+# --- attention ------------------------------------------------------------------------------------
+@functools.cache
+def sdpa_has_enable_gqa() -> bool:
+    """Whether F.scaled_dot_product_attention takes enable_gqa= (torch >= 2.5; its CPU flash kernel
+    then indexes the shared K/V head, its math fallback repeats K/V)."""
+    import torch.nn.functional as F
+
+    q = torch.zeros(1, 2, 1, 8)
+    kv = torch.zeros(1, 1, 1, 8)
+    try:
+        F.scaled_dot_product_attention(q, kv, kv, enable_gqa=True)
+    except (TypeError, RuntimeError):
+        return False
+    return True
+
+
+def register_inductor_decomposition(op, fn) -> None:
+    """Add `fn` to Inductor's decomposition table for `op` (fn may return NotImplemented to keep the op).
+    torch._inductor.decomposition.register_decomposition in 2.11 and 2.13."""
+    from torch._inductor.decomposition import register_decomposition
+
+    register_decomposition(op)(fn)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from . import _compat
-from .config import QuantConfig, default_config
+from .config import AttentionConfig, QuantConfig, default_config
 from .report import GraphReport, PassRecord, dump
 
 _graph_counter = itertools.count()
@@ -36,9 +36,15 @@ class Backend:
     _qcompile_backend = True  # lets qcompile recognise its own compiled modules
 
     def __init__(self, config: QuantConfig | None = None, *, fuse_projections: bool = True,
-                 inductor: bool = True, reports: list | None = None):
+                 inductor: bool = True, reports: list | None = None,
+                 attention: AttentionConfig | bool | None = None, quantize_linears: bool = True):
         self.config = config or default_config()
         self.config.validate()
+        # attention: an AttentionConfig, or True/None (the default one) / False (pass off)
+        self.attention = (attention if isinstance(attention, AttentionConfig)
+                          else AttentionConfig(enabled=attention is not False))
+        self.attention.validate()
+        self.quantize_linears = quantize_linears
         self.fuse_projections = fuse_projections
         self.inductor = inductor
         self.reports = reports  # GraphReports are appended here when given (explain)
@@ -55,15 +61,19 @@ class Backend:
         device = _device_of(example_inputs)
         report = GraphReport(index=next(_graph_counter), device=str(device))
         ctx = PassContext(self.config, device, placeholder_values(gm.graph, example_inputs), report,
-                          fuse_projections=self.fuse_projections)
+                          fuse_projections=self.fuse_projections, attention=self.attention)
+        switched_off = {"linear": not self.quantize_linears, "attention": not self.attention.enabled}
         for name, run_pass in PASSES:
+            if switched_off.get(name):
+                report.passes.append(PassRecord(name, "off", gm.code, gm.code))
+                continue
             before = gm.code
             summary = run_pass(gm, ctx)
             report.passes.append(PassRecord(name, summary, before, gm.code))
         if self.reports is not None:
             self.reports.append(report)
         if debug_dir := os.environ.get("QCOMPILE_DEBUG_DIR"):
-            dump(report, self.config.to_dict(), debug_dir)
+            dump(report, self.describe(), debug_dir)
 
         extra = ctx.new_inputs
         if not self.inductor:
@@ -72,6 +82,11 @@ class Backend:
         compiled = _compat.compile_with_inductor(gm, list(example_inputs) + extra, patches, len(extra))
         return _append_inputs(compiled, extra)
 
+    def describe(self) -> dict:
+        """The config as the report shows it: the quantization recipe and the pass switches."""
+        return {**self.config.to_dict(), "quantize_linears": self.quantize_linears,
+                "attention": self.attention.to_dict()}
+
 
 @functools.cache
 def _cache_salt():
@@ -79,7 +94,8 @@ def _cache_salt():
 
     here = Path(__file__).parent
     lowering = Path(qcompile.lowering.__file__).parent
-    files = [here / "ops.py", here / "_compat.py", *lowering.glob("*.py"), *lowering.glob("*.cpp")]
+    files = [here / "ops.py", here / "attention_ops.py", here / "_compat.py", *lowering.glob("*.py"),
+             *lowering.glob("*.cpp")]
     return _compat.cache_salt_pass([str(f) for f in files])
 
 

@@ -138,3 +138,24 @@ def choose_group_size(requested: int | None, in_features: int) -> tuple[int | No
         if g < requested and in_features % g == 0:
             return g, f"group_size {requested} does not divide in_features {in_features}: used {g}"
     return None, None
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """What the attention pass does (`qcompile.backend(attention=AttentionConfig(...))`).
+
+    Attributes:
+        enabled: rewrite attention sites into `qcompile::gqa_attention` at all.
+        mha: multi-head attention with no repeated K/V and no ALiBi has nothing to remove:
+            ``"keep"`` (default) leaves it to SDPA / Inductor; ``"rewrite"`` sends it to the op too.
+    """
+
+    enabled: bool = True
+    mha: str = "keep"
+
+    def validate(self) -> None:
+        if self.mha not in ("keep", "rewrite"):
+            raise ValueError(f"AttentionConfig(mha={self.mha!r}): use 'keep' or 'rewrite'")
+
+    def to_dict(self) -> dict:
+        return asdict(self)

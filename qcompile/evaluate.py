@@ -161,3 +161,26 @@ def format_comparison(results: dict, model_name: str, seqlen: int) -> str:
         f"(float: {f['dtype'] if f else '-'}; {head})",
     ]
     return "\n".join(lines)
+
+
+DATA = Path(__file__).parent / "data"
+
+
+def sentences(which: str = "heldout") -> list[str]:
+    """Varied English sentences shipped with qcompile: "heldout" (50, for evaluation) or "calibration" (50)."""
+    if which not in ("heldout", "calibration"):
+        raise ValueError(f"sentences({which!r}): use 'heldout' or 'calibration'")
+    return (DATA / f"sentences_{which}.txt").read_text().splitlines()
+
+
+@torch.no_grad()
+def sentence_embeddings(model, tokenizer, texts: list[str], batch_size: int = 16) -> torch.Tensor:
+    """Mean of the last hidden states over each text's real tokens (sentence-transformers' mean pooling)."""
+    out = []
+    device = next(model.parameters()).device
+    for i in range(0, len(texts), batch_size):
+        batch = tokenizer(texts[i : i + batch_size], padding=True, return_tensors="pt").to(device)
+        hidden = model(**batch).last_hidden_state
+        weight = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        out.append((hidden * weight).sum(1) / weight.sum(1))
+    return torch.cat(out)

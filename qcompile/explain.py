@@ -5,26 +5,29 @@ import torch
 from torch import nn
 
 from .backend import Backend
-from .config import QuantConfig
+from .config import AttentionConfig, QuantConfig
 from .modules import QuantLinear
 from .report import Report
 
 
 @torch.no_grad()
 def explain(model_or_fn, *example_inputs, config: QuantConfig | None = None,
-            fuse_projections: bool = True, **example_kwargs) -> Report:
+            fuse_projections: bool = True, attention: AttentionConfig | bool | None = None,
+            quantize_linears: bool = True, **example_kwargs) -> Report:
     """Trace `model_or_fn(*example_inputs, **example_kwargs)` with Dynamo, run qcompile's passes on
     every graph, and return the report: per linear layer its module path, the op chosen (None:
-    stays float) and the reason; per graph the code before and after each pass.
+    stays float) and the reason; per attention site the pattern, the rewrite or why not; per graph
+    the code before and after each pass. `attention` / `quantize_linears` switch those passes.
 
     Nothing is compiled by Inductor; `model_or_fn` itself is not changed (weights a float model
     would get are quantized into the backend's cache, which a later compile reuses).
     """
     reports: list = []
-    backend = Backend(config, fuse_projections=fuse_projections, inductor=False, reports=reports)
+    backend = Backend(config, fuse_projections=fuse_projections, inductor=False, reports=reports,
+                      attention=attention, quantize_linears=quantize_linears)
     compiled = torch.compile(model_or_fn, backend=backend)
     compiled(*example_inputs, **example_kwargs)
-    report = Report(config=backend.config.to_dict(), graphs=reports)
+    report = Report(config=backend.describe(), graphs=reports)
     if isinstance(model_or_fn, nn.Module):
         _describe_prequantized(report, model_or_fn)
     return report

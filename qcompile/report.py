@@ -23,6 +23,23 @@ class LinearReport:
 
 
 @dataclass
+class AttentionReport:
+    """One attention site: the pattern found, how K/V heads were repeated, the op it now runs
+    (None: left as it was) and the reason."""
+
+    path: str
+    pattern: str                 # "sdpa", "sdpa(enable_gqa)", "eager matmul-softmax-matmul", "bloom baddbmm-softmax-bmm"
+    q_heads: int | None
+    kv_heads: int | None
+    head_dim: int | None
+    kv_repeat: str               # "expand+reshape", "repeat_interleave", "enable_gqa", "none"
+    op: str | None
+    reason: str
+    notes: list[str] = field(default_factory=list)
+    repeated_kv_bytes: int | None = None  # bytes of the repeated K and V at the traced shape (what is no longer made)
+
+
+@dataclass
 class PassRecord:
     name: str
     summary: str
@@ -38,6 +55,7 @@ class GraphReport:
     device: str
     linears: list[LinearReport] = field(default_factory=list)
     passes: list[PassRecord] = field(default_factory=list)
+    attention: list[AttentionReport] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
 
@@ -57,6 +75,15 @@ class Report:
                 seen.setdefault(lin.path, lin)
         return list(seen.values())
 
+    @property
+    def attention(self) -> list[AttentionReport]:
+        """Each distinct decision per attention site (prefill and decode graphs may differ)."""
+        seen: dict = {}
+        for g in self.graphs:
+            for a in g.attention:
+                seen.setdefault((a.path, a.pattern, a.kv_repeat, a.op, a.reason), a)
+        return list(seen.values())
+
     def to_dict(self) -> dict:
         return {"config": self.config, "graphs": [asdict(g) for g in self.graphs],
                 "summary": self.summary()}
@@ -68,7 +95,9 @@ class Report:
         qb = sum(x.quant_bytes or 0 for x in q)
         return {"linears": len(lins), "quantized": len(q), "float": len(lins) - len(q),
                 "float_bytes_of_quantized": fb, "quant_bytes": qb,
-                "ratio": round(qb / fb, 4) if fb else None, "graphs": len(self.graphs)}
+                "ratio": round(qb / fb, 4) if fb else None, "graphs": len(self.graphs),
+                "attention_sites": sum(len(g.attention) for g in self.graphs),
+                "attention_rewritten": sum(1 for g in self.graphs for a in g.attention if a.op)}
 
     def __str__(self) -> str:
         lines = [f"qcompile report  config={self.config.get('method', '?')} "
@@ -84,6 +113,16 @@ class Report:
             op = (x.op or "- (float)").replace("qcompile::", "")
             note = f"  [{'; '.join(x.notes)}]" if x.notes else ""
             lines.append(f"{x.path:<{width}}  {shape:>11}  {op:<24}  {x.reason}{note}")
+        if self.attention:
+            lines.append(f"attention: {s['attention_rewritten']}/{s['attention_sites']} sites rewritten across "
+                         f"{s['graphs']} graph(s)")
+            width = max(len(a.path) for a in self.attention)
+            lines.append(f"{'site':<{width}}  {'pattern':<27}  {'heads q/kv':>10}  {'K/V repeat':<17}  {'op':<14}  reason")
+            for a in self.attention:
+                heads = f"{a.q_heads}/{a.kv_heads}" if a.q_heads else "?"
+                op = (a.op or "- (kept)").replace("qcompile::", "")
+                note = f"  [{'; '.join(a.notes)}]" if a.notes else ""
+                lines.append(f"{a.path:<{width}}  {a.pattern:<27}  {heads:>10}  {a.kv_repeat:<17}  {op:<14}  {a.reason}{note}")
         for g in self.graphs:
             lines.append(f"graph {g.index} ({g.device}): " + "; ".join(f"{p.name}: {p.summary}" for p in g.passes)
                          + ("" if not g.notes else "  notes: " + "; ".join(g.notes)))
