@@ -4,6 +4,7 @@
     model = torch.compile(model, backend=qcompile)              # default recipe
     model = torch.compile(model, backend=qcompile.backend(qcompile.RTNConfig(group_size=128)))
     qcompile.quantize(model)                                     # quantize ahead of time, in place
+    qcompile.quantize(model, qcompile.GPTQConfig(bits=3), calibration=texts, tokenizer=tok)  # GPTQ
     qcompile.save(model, "out/"); qcompile.load(model, "out/")  # safetensors + JSON
     print(qcompile.explain(model, input_ids))                    # what the compiler did, and why
 """
@@ -21,14 +22,14 @@ from . import ops  # noqa: E402  (registers torch.ops.qcompile.*)
 from . import lowering  # noqa: E402  (registers kernels)
 from ._compat import route_generate_through_compiled_forward as _route_generate  # noqa: E402
 from .backend import DEFAULT as _DEFAULT_BACKEND, Backend, backend  # noqa: E402
-from .config import QuantConfig, RTNConfig, default_config  # noqa: E402
+from .config import GPTQConfig, QuantConfig, RTNConfig, default_config  # noqa: E402
 from .explain import explain  # noqa: E402
 from .quantize import quantize  # noqa: E402
 from .report import Report  # noqa: E402
 from .serialization import load, save  # noqa: E402
 
 __all__ = ["backend", "Backend", "quantize", "save", "load", "explain", "Report",
-           "QuantConfig", "RTNConfig", "default_config"]
+           "QuantConfig", "RTNConfig", "GPTQConfig", "default_config"]
 __version__ = "0.1.0"
 
 _route_generate()

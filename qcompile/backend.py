@@ -39,6 +39,12 @@ class Backend:
                  inductor: bool = True, reports: list | None = None):
         self.config = config or default_config()
         self.config.validate()
+        if self.config.needs_calibration:
+            raise ValueError(
+                f"{type(self.config).__name__} needs calibration data, which a torch.compile backend "
+                "never sees: run qcompile.quantize(model, config, calibration=...) first, then "
+                "torch.compile(model, backend=qcompile)"
+            )
         self.fuse_projections = fuse_projections
         self.inductor = inductor
         self.reports = reports  # GraphReports are appended here when given (explain)

@@ -36,6 +36,7 @@ class QuantConfig:
     scale_dtype: torch.dtype = torch.bfloat16
 
     method = "base"
+    needs_calibration = False  # True: only `qcompile.quantize(..., calibration=...)` can apply it
 
     def validate(self) -> None:
         if self.lm_head_bits not in (4, 8):
@@ -113,7 +114,75 @@ class RTNConfig(QuantConfig):
             raise ValueError(f"RTNConfig(search={self.search!r}): use 'minmax' or 'hqq'")
 
 
-CONFIGS: dict[str, type[QuantConfig]] = {"rtn": RTNConfig}
+GPTQ_BITS = (2, 3, 4, 8)
+
+
+@dataclass(frozen=True)
+class GPTQConfig(QuantConfig):
+    """GPTQ (Frantar et al., 2023): error-compensating quantization from calibration data.
+
+    Applied by ``qcompile.quantize(model, GPTQConfig(...), calibration=...)`` (calibration may be
+    omitted: a small English text ships with qcompile), then ``torch.compile`` as usual.
+
+    Attributes:
+        bits: 2, 3 or 4 (stored as 4-bit codes, served by the int4 kernels) or 8.
+        group_size: 32, 64, 128, 256, or None for one grid per output channel. When it does not
+            divide a layer's input features, the largest supported size that does is used and the
+            report says so (SmolLM2's 576-wide inputs get 64 for 128).
+        sym: symmetric grid (zero-point 2^(bits-1)) instead of min/max with a fitted integer zero.
+        act_order: quantize input channels in order of decreasing Hessian diagonal (the largest
+            inputs first): better accuracy, at the cost of one gather of the input per matmul.
+        static_groups: fit every group's grid before quantizing, on the original column blocks, so
+            groups stay contiguous in the layer's input order (no gather needed for act_order).
+        damp_percent: Hessian damping as a fraction of its mean diagonal; raised ×10 for a layer
+            whose Cholesky factorisation fails (the report gives what was used).
+        block_size: columns per lazy update block (speed only; the result is the same).
+        clip_search: search a shrunk grid per group (p = 1 − i/100, i < 80) on an L2.4 error.
+        true_sequential: inside each decoder block, quantize the layers that read one input
+            together and recompute the next layers' inputs through the quantized ones
+            ([q,k,v] → [o] → [gate,up] → [down] in a Llama block).
+        nsamples, seqlen: calibration windows taken from the calibration text (token tensors
+            are used as given).
+        batch_size: calibration windows per forward pass (memory only).
+    """
+
+    bits: int = 4
+    group_size: int | None = 128
+    sym: bool = True
+    act_order: bool = True
+    static_groups: bool = False
+    damp_percent: float = 0.01
+    block_size: int = 128
+    clip_search: bool = False
+    true_sequential: bool = True
+    nsamples: int = 64
+    seqlen: int = 512
+    batch_size: int = 8
+
+    method = "gptq"
+    needs_calibration = True
+
+    def validate(self) -> None:
+        super().validate()
+        name = type(self).__name__
+        if self.bits not in GPTQ_BITS:
+            raise ValueError(f"{name}(bits={self.bits}) is not supported: use one of {GPTQ_BITS}")
+        if self.group_size is not None and self.group_size not in INT4_GROUP_SIZES:
+            raise ValueError(f"{name}(group_size={self.group_size}) is not supported: use one of "
+                             f"{INT4_GROUP_SIZES} or None (per output channel)")
+        if not 0 < self.damp_percent < 1:
+            raise ValueError(f"{name}(damp_percent={self.damp_percent}): use a fraction of the mean "
+                             "Hessian diagonal in (0, 1), e.g. 0.01")
+        for field in ("block_size", "nsamples", "seqlen", "batch_size"):
+            v = getattr(self, field)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name}({field}={v!r}): must be a positive integer")
+        for field in ("sym", "act_order", "static_groups", "clip_search", "true_sequential"):
+            if not isinstance(getattr(self, field), bool):
+                raise ValueError(f"{name}({field}={getattr(self, field)!r}): must be True or False")
+
+
+CONFIGS: dict[str, type[QuantConfig]] = {"rtn": RTNConfig, "gptq": GPTQConfig}
 
 
 def default_config() -> QuantConfig:
