@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,7 @@ BITS = (2, 3, 4, 8)
 MAX_DAMP_RAISES = 5
 ZERO_DTYPE = torch.float16  # zero-points are small integers (in code units): exact in fp16
 CLIP_NORM, CLIP_GRID, CLIP_MAX_SHRINK = 2.4, 100, 0.8
+CLIP_CHUNK_ELEMENTS = 1 << 22  # shrink factors tried at once: bounds the [P, R, C] trial tensor
 
 
 class Hessian:
@@ -127,13 +129,15 @@ def fit_grid(w: Tensor, bits: int, sym: bool, *, clip_search: bool = False,
         return s, z
 
     scale, zero = grid(lo, hi)
-    if clip_search:
+    if clip_search:  # the reference's loop over shrink factors, a chunk of factors at a time
+        shrinks = 1 - torch.arange(int(CLIP_MAX_SHRINK * CLIP_GRID), dtype=w.dtype, device=w.device) / CLIP_GRID
         best = torch.full_like(scale, float("inf"))
-        for i in range(int(CLIP_MAX_SHRINK * CLIP_GRID)):
-            p = 1 - i / CLIP_GRID
-            s, z = grid(p * lo, p * hi)
-            q = torch.clamp(torch.round(w / s) + z, 0, maxq)
-            err = (s * (q - z) - w).abs_().pow_(CLIP_NORM).sum(dim=1, keepdim=True)
+        step = max(1, CLIP_CHUNK_ELEMENTS // max(w.numel(), 1))
+        for p in shrinks.split(step):
+            s, z = grid(p[:, None, None] * lo, p[:, None, None] * hi)            # [P, R, 1]
+            q = torch.clamp(torch.round(w / s) + z, 0, maxq)                      # [P, R, C]
+            err, i = (s * (q - z) - w).abs_().pow_(CLIP_NORM).sum(dim=2, keepdim=True).min(dim=0)
+            s, z = s.gather(0, i[None]).squeeze(0), z.gather(0, i[None]).squeeze(0)  # first minimum
             better = err < best
             best = torch.where(better, err, best)
             scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)
@@ -181,6 +185,18 @@ def _check(weight: Tensor, bits: int, group_size: int | None) -> int:
     return g
 
 
+@contextmanager
+def _one_thread():
+    """The per-column ops are too small to split across threads: a parallel region per op costs
+    more than the op, by milliseconds when other processes share the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def gptq_quantize(weight: Tensor, inv: InverseHessian, *, bits: int = 4, group_size: int | None = 128,
                   sym: bool = True, static_groups: bool = False, clip_search: bool = False,
                   block_size: int = 128, scale_dtype: torch.dtype = torch.bfloat16) -> GPTQResult:
@@ -220,21 +236,22 @@ def gptq_quantize(weight: Tensor, inv: InverseHessian, *, bits: int = 4, group_s
         w1 = wt[i1:i2].clone()
         err1 = torch.zeros_like(w1)
         h1 = hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            j = i1 + i
-            if not upfront and j % g == 0:
-                cols = w1[i : i + g]
-                if j + g > i2:  # the group runs past this block: bring its later columns up to date
-                    cols = torch.cat([cols, wt[i2 : j + g] - hinv[i1:j, i2 : j + g].t() @ err1[:i]])
-                s, z = fit(cols.t())
-                scales[j // g], zeros[j // g] = s[:, 0], z[:, 0]
-            s, z = scales[col_group[j]], zeros[col_group[j]]
-            row = w1[i]
-            q = torch.clamp(torch.round(row / s) + z, 0, maxq)
-            q_all[j] = q
-            e = (row - s * (q - z)) / h1[i, i]
-            w1[i:].addr_(h1[i, i:], e, alpha=-1)
-            err1[i] = e
+        with _one_thread():
+            for i in range(i2 - i1):
+                j = i1 + i
+                if not upfront and j % g == 0:
+                    cols = w1[i : i + g]
+                    if j + g > i2:  # the group runs past this block: bring its later columns up to date
+                        cols = torch.cat([cols, wt[i2 : j + g] - hinv[i1:j, i2 : j + g].t() @ err1[:i]])
+                    s, z = fit(cols.t())
+                    scales[j // g], zeros[j // g] = s[:, 0], z[:, 0]
+                s, z = scales[col_group[j]], zeros[col_group[j]]
+                row = w1[i]
+                q = torch.clamp(torch.round(row / s) + z, 0, maxq)
+                q_all[j] = q
+                e = (row - s * (q - z)) / h1[i, i]
+                w1[i:].addr_(h1[i, i:], e, alpha=-1)
+                err1[i] = e
         wt[i2:].addmm_(hinv[i1:i2, i2:].t(), err1, alpha=-1)
     codes = q_all.t()
     stored_perm = perm
