@@ -3,10 +3,14 @@ sequential pass that quantizes a decoder model one block at a time.
 
 Each block is calibrated on the outputs of the blocks before it, already quantized, as in the
 GPTQ reference: capture what the first block receives (hidden states and the keyword arguments
-the model passes, e.g. the rotary ``position_embeddings`` of transformers 5), then per block
-collect the Hessians of its linears, quantize them, swap in `QuantLinear`s, and run the quantized
-block to make the next block's inputs. Peak memory: the calibration activations of one block plus
-the Hessians of one group of layers.
+the model passes, e.g. the rotary ``position_embeddings`` of transformers 5), then per block:
+collect the Hessians of one group of its linears (those reading one input: q/k/v), quantize them,
+re-run the block for the next group's inputs (true-sequential), run the quantized block to make
+the next block's inputs, and swap in `QuantLinear`s. Peak memory: the calibration activations of
+one block plus the Hessians of one group of layers.
+
+Ctrl-C at any point leaves a consistent model: the layers done so far are `QuantLinear`s, the rest
+float, and ``model.qcompile_report`` says which is which.
 """
 from __future__ import annotations
 
@@ -332,8 +336,8 @@ def quantize_with_calibration(model: nn.Module, config: GPTQConfig, calibration=
             else:
                 q = gptq.to_format(gptq.rtn_quantize(w, bits=config.bits, group_size=group_size(plan), sym=config.sym,
                                                      clip_search=config.clip_search, scale_dtype=config.scale_dtype))
-                plan.notes.append("outside the decoder blocks: round to nearest on the GPTQ grid "
-                                  "(no calibration inputs)")
+                plan.reason = (plan.reason.split(", gptq")[0] + ", round to nearest on the GPTQ grid "
+                               "(outside the decoder blocks: no calibration inputs)")
             entries[path] = install(model, path, mod, q, plan, input_emb)
         finished = True
     finally:

@@ -322,6 +322,19 @@ def test_gpt2_blocks_and_conv1d_layers():
         assert torch.allclose(model(ids).logits, ref(ids).logits, atol=1e-3, rtol=1e-3)
 
 
+def test_layers_outside_the_blocks_follow_the_lm_head_rule():
+    model = tiny_llama()
+    qcompile.quantize(model, GPTQConfig(group_size=32, lm_head_bits=4, skip=("*.1.mlp.down_proj",)),
+                      calibration=calibration_ids(), progress=False)
+    lins = {x.path: x for x in model.qcompile_report.linears}
+    assert lins["lm_head"].op == "qcompile::int4_mm"
+    assert lins["lm_head"].reason == ("4-bit g32 sym, round to nearest on the GPTQ grid "
+                                      "(outside the decoder blocks: no calibration inputs)")
+    assert "tied input embedding keeps its float table" in lins["lm_head"].notes
+    assert lins["model.layers.1.mlp.down_proj"].op is None and "skip" in lins["model.layers.1.mlp.down_proj"].reason
+    assert isinstance(model.model.layers[1].mlp.down_proj, torch.nn.Linear)
+
+
 def test_ctrl_c_leaves_done_layers_quantized_and_the_rest_float(monkeypatch):
     model = tiny_llama()
     real, count = gptq.gptq_quantize, []
