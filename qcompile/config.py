@@ -135,7 +135,11 @@ class GPTQConfig(QuantConfig):
         static_groups: fit every group's grid before quantizing, on the original column blocks, so
             groups stay contiguous in the layer's input order (no gather needed for act_order).
         damp_percent: Hessian damping as a fraction of its mean diagonal; raised ×10 for a layer
-            whose Cholesky factorisation fails (the report gives what was used).
+            whose Cholesky factorisation fails (the report gives what was used). 0.1 by default
+            (the reference uses 0.01 with 128 x 2048 tokens): with a few thousand calibration
+            tokens, a 1536-input layer's Hessian is poorly estimated and 0.01 over-fits it; on
+            SmolLM2 0.1 lowered the held-out output error of every layer measured (0.01: 9%
+            below round to nearest on average, 0.1: 14%).
         block_size: columns per lazy update block (speed only; the result is the same).
         clip_search: search a shrunk grid per group (p = 1 − i/100, i < 80) on an L2.4 error. On
             by default: on SmolLM2 (W4 g64) it took perplexity from 26.2 to 23.2 (min/max grid:
@@ -154,7 +158,7 @@ class GPTQConfig(QuantConfig):
     sym: bool = True
     act_order: bool = True
     static_groups: bool = False
-    damp_percent: float = 0.01
+    damp_percent: float = 0.1
     block_size: int = 128
     clip_search: bool = True
     true_sequential: bool = True

@@ -186,15 +186,15 @@ def _check(weight: Tensor, bits: int, group_size: int | None) -> int:
 
 
 @contextmanager
-def _one_thread():
-    """The per-column ops are too small to split across threads: a parallel region per op costs
-    more than the op, by milliseconds when other processes share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _threads(n: int):
+    """The per-column ops run on one thread: they are too small to split, and a parallel region
+    per op costs more than the op (milliseconds when other processes share the cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
     try:
         yield
     finally:
-        torch.set_num_threads(n)
+        torch.set_num_threads(before)
 
 
 def gptq_quantize(weight: Tensor, inv: InverseHessian, *, bits: int = 4, group_size: int | None = 128,
@@ -231,19 +231,21 @@ def gptq_quantize(weight: Tensor, inv: InverseHessian, *, bits: int = 4, group_s
     wt = (w.t() if perm is None else w.t()[perm]).contiguous()  # [K, N], rows in working order
     del w
     q_all = torch.empty_like(wt)
+    threads = torch.get_num_threads()
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         w1 = wt[i1:i2].clone()
         err1 = torch.zeros_like(w1)
         h1 = hinv[i1:i2, i1:i2]
-        with _one_thread():
+        with _threads(1):
             for i in range(i2 - i1):
                 j = i1 + i
                 if not upfront and j % g == 0:
                     cols = w1[i : i + g]
                     if j + g > i2:  # the group runs past this block: bring its later columns up to date
                         cols = torch.cat([cols, wt[i2 : j + g] - hinv[i1:j, i2 : j + g].t() @ err1[:i]])
-                    s, z = fit(cols.t())
+                    with _threads(threads):  # a grid fit (80 trial grids with clip search) is big enough
+                        s, z = fit(cols.t())
                     scales[j // g], zeros[j // g] = s[:, 0], z[:, 0]
                 s, z = scales[col_group[j]], zeros[col_group[j]]
                 row = w1[i]
