@@ -40,7 +40,7 @@ BITS = (2, 3, 4, 8)
 MAX_DAMP_RAISES = 5
 ZERO_DTYPE = torch.float16  # zero-points are small integers (in code units): exact in fp16
 CLIP_NORM, CLIP_GRID, CLIP_MAX_SHRINK = 2.4, 100, 0.8
-CLIP_CHUNK_ELEMENTS = 1 << 22  # shrink factors tried at once: bounds the [P, R, C] trial tensor
+CLIP_CHUNK_ELEMENTS = 1 << 20  # shrink factors tried at once: keeps the [P, R, C] trials in cache
 
 
 class Hessian:
@@ -135,8 +135,10 @@ def fit_grid(w: Tensor, bits: int, sym: bool, *, clip_search: bool = False,
         step = max(1, CLIP_CHUNK_ELEMENTS // max(w.numel(), 1))
         for p in shrinks.split(step):
             s, z = grid(p[:, None, None] * lo, p[:, None, None] * hi)            # [P, R, 1]
-            q = torch.clamp(torch.round(w / s) + z, 0, maxq)                      # [P, R, C]
-            err, i = (s * (q - z) - w).abs_().pow_(CLIP_NORM).sum(dim=2, keepdim=True).min(dim=0)
+            # |s (clamp(round(w/s) + z) - z) - w|^2.4 = s^2.4 |clamp(round(u), -z, maxq - z) - u|^2.4, u = w/s
+            u = w / s                                                             # [P, R, C]
+            e = torch.round(u).clamp_(-z, maxq - z).sub_(u).abs_().pow_(CLIP_NORM)
+            err, i = (e.sum(dim=2, keepdim=True) * s.pow(CLIP_NORM)).min(dim=0)
             s, z = s.gather(0, i[None]).squeeze(0), z.gather(0, i[None]).squeeze(0)  # first minimum
             better = err < best
             best = torch.where(better, err, best)
@@ -187,8 +189,9 @@ def _check(weight: Tensor, bits: int, group_size: int | None) -> int:
 
 @contextmanager
 def _threads(n: int):
-    """The per-column ops run on one thread: they are too small to split, and a parallel region
-    per op costs more than the op (milliseconds when other processes share the cores)."""
+    """The column loop runs on one thread: its ops (and a grid fit's cache-sized chunks) are too
+    small to split, and a parallel region per op costs more than the op (milliseconds when other
+    processes share the cores)."""
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -231,7 +234,6 @@ def gptq_quantize(weight: Tensor, inv: InverseHessian, *, bits: int = 4, group_s
     wt = (w.t() if perm is None else w.t()[perm]).contiguous()  # [K, N], rows in working order
     del w
     q_all = torch.empty_like(wt)
-    threads = torch.get_num_threads()
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         w1 = wt[i1:i2].clone()
@@ -244,8 +246,7 @@ def gptq_quantize(weight: Tensor, inv: InverseHessian, *, bits: int = 4, group_s
                     cols = w1[i : i + g]
                     if j + g > i2:  # the group runs past this block: bring its later columns up to date
                         cols = torch.cat([cols, wt[i2 : j + g] - hinv[i1:j, i2 : j + g].t() @ err1[:i]])
-                    with _threads(threads):  # a grid fit (80 trial grids with clip search) is big enough
-                        s, z = fit(cols.t())
+                    s, z = fit(cols.t())
                     scales[j // g], zeros[j // g] = s[:, 0], z[:, 0]
                 s, z = scales[col_group[j]], zeros[col_group[j]]
                 row = w1[i]
