@@ -89,7 +89,11 @@ def decoder_bytes(model) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", nargs="*", help="run only rows whose name contains one of these")
+    ap.add_argument("--rewrite", action="store_true", help="only rewrite the .md from the saved .json")
     args = ap.parse_args()
+    if args.rewrite:
+        write(json.loads((OUT / "gptq_smollm2.json").read_text())["results"])
+        return
     torch.manual_seed(0)
     _, tok = load_model()
     ids = tok(held_out_text(), return_tensors="pt").input_ids
@@ -127,9 +131,11 @@ def write(results: list[dict]) -> None:
         "",
         f"`python benchmarks/bench_gptq.py` on {platform.machine()}, {torch.get_num_threads()} threads, torch "
         f"{torch.__version__}. Perplexity: first 1024 GPL-3 tokens, two 512-token windows "
-        "(`qcompile.evaluate`). All quantized rows: asymmetric min/max grid with integer zero-points, "
-        "bf16 scales, int8 per-channel lm_head (also read by the tied embedding); decoder weight bytes "
-        "include scales, zero-points and act_order permutations. GPTQ: default calibration "
+        "(`qcompile.evaluate`). All quantized rows: asymmetric grid with integer zero-points (min/max for "
+        "round to nearest; GPTQ's default clip search shrinks it), bf16 scales, int8 per-channel lm_head "
+        "(also read by the tied embedding). Decoder weight bytes include scales, zero-points and act_order "
+        "permutations; 3-bit codes are stored in 4-bit nibbles (the int4 kernels serve them), so they take "
+        "the bytes of 4-bit. GPTQ: default calibration "
         f"({cfg.nsamples} x {cfg.seqlen} tokens of qcompile's calibration text), damp {cfg.damp_percent}, "
         f"true-sequential, clip search {cfg.clip_search}, blocks of 128. Quantize time: wall and process "
         "CPU time on a 2-core machine shared with other jobs (load avg: the 1-minute load when the row ran; "
