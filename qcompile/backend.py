@@ -45,6 +45,12 @@ class Backend:
                           else AttentionConfig(enabled=attention is not False))
         self.attention.validate()
         self.quantize_linears = quantize_linears
+        if self.config.needs_calibration:
+            raise ValueError(
+                f"{type(self.config).__name__} needs calibration data, which a torch.compile backend "
+                "never sees: run qcompile.quantize(model, config, calibration=...) first, then "
+                "torch.compile(model, backend=qcompile)"
+            )
         self.fuse_projections = fuse_projections
         self.inductor = inductor
         self.reports = reports  # GraphReports are appended here when given (explain)

@@ -130,7 +130,8 @@ def compare(model_name: str, quantization: str = "default", *, text: str | None 
         config = what
         qcompile.quantize(model, config, progress=progress)
     qbytes = model_bytes(model)
-    run = torch.compile(model, backend=qcompile.backend(config)) if compile else model
+    # the model is quantized already: compile its quantized ops, leave its float layers as they are
+    run = torch.compile(model, backend=qcompile.backend(quantize_linears=False)) if compile else model
     t0 = time.perf_counter()
     ppl = perplexity(run, ids=ids, seqlen=seqlen, max_tokens=None, progress=progress, desc="quantized")
     results["quantized"] = dict(ppl=ppl, seconds=time.perf_counter() - t0, compiled=compile, **qbytes)

@@ -264,7 +264,8 @@ class PackedLinear:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+        perm = [] if self.perm is None else [self.perm]
+        return sum(t.numel() * t.element_size() for t in [*self.tensors.values(), *perm])
 
     def __call__(self, x: Tensor) -> Tensor:
         if self.perm is not None:

@@ -77,14 +77,20 @@ def _set_module(model: nn.Module, path: str, new: nn.Module) -> None:
 
 @torch.no_grad()
 def quantize(model: nn.Module, config: QuantConfig | None = None, *, example_inputs=None,
-             progress: bool = True) -> nn.Module:
+             calibration=None, tokenizer=None, progress: bool = True) -> nn.Module:
     """Quantize `model`'s linear layers in place and free the float weights they replace.
 
     Args:
         model: a float model (Hugging Face or any nn.Module with nn.Linear / Conv1D layers).
-        config: a method config (`qcompile.RTNConfig`, ...); None takes the default recipe.
+        config: a method config (`qcompile.RTNConfig`, `qcompile.GPTQConfig`, ...); None takes the
+            default recipe.
         example_inputs: inputs for one forward pass (a tuple, or a dict of keyword arguments)
             used to find which norm feeds which layer; Hugging Face models supply their own.
+        calibration: for methods that learn from data (GPTQ): a list of texts, a LongTensor
+            [n, seqlen] of token ids, or a list of id tensors; None uses the text that ships with
+            qcompile. See `qcompile.calibration`.
+        tokenizer: turns calibration texts into ids; by default the model's own (from the folder
+            it was loaded from).
         progress: show a progress bar.
 
     Returns the same model; ``model.qcompile_report`` holds the per-layer report.
@@ -92,38 +98,61 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, example_inp
     """
     config = config or default_config()
     config.validate()
+    if config.needs_calibration:
+        from .calibration import quantize_with_calibration
+
+        return quantize_with_calibration(model, config, calibration, tokenizer=tokenizer, progress=progress)
+    if calibration is not None or tokenizer is not None:
+        raise ValueError(f"{type(config).__name__} is data-free: it takes no calibration= or tokenizer=")
     gains = norm_gains(model, example_inputs) if getattr(config, "norm_weighting", False) else {}
     report = GraphReport(index=0, device="")
     input_emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     layers = linear_modules(model)
     for path, mod, weight in tqdm(layers, desc="quantize", disable=not progress):
-        device = weight.device
-        report.device = str(device)
-        plan = plan_linear(config, path, weight, device)
-        float_bytes = 2 * weight.numel()
+        report.device = str(weight.device)
+        plan = plan_linear(config, path, weight, weight.device)
         if not plan.quantized:
-            report.linears.append(LinearReport(path, plan.in_features, plan.out_features, None, plan.reason,
-                                               plan.notes, float_bytes))
+            report.linears.append(float_report(plan, weight))
             continue
         importance = gains.get(path)
         if importance is not None and plan.format == "int4":
             plan.notes.append("error weighted by its input norm's gain")
-        packed = lowering.pack(quantize_linear(config, plan, weight, importance), device)
-        qlinear = QuantLinear(packed, mod.bias)
-        tied = input_emb is not None and getattr(input_emb, "weight", None) is mod.weight
-        _set_module(model, path, qlinear)
-        if tied and is_output_head(path) and packed.layout == "int8":
-            _set_module(model, _path_of(model, input_emb),
-                        QuantEmbedding(qlinear, input_emb.weight.dtype, getattr(input_emb, "padding_idx", None)))
-            plan.notes.append("tied input embedding reads the same int8 table")
-        elif tied:
-            plan.notes.append("tied input embedding keeps its float table")
-        report.linears.append(LinearReport(path, plan.in_features, plan.out_features, str(packed.op.name()),
-                                           plan.reason, plan.notes, float_bytes, packed.nbytes))
-    if hasattr(model, "config") and hasattr(model.config, "tie_word_embeddings"):
-        model.config.tie_word_embeddings = False  # the float tie is gone; stop HF from re-tying
+        report.linears.append(install(model, path, mod, quantize_linear(config, plan, weight, importance),
+                                      plan, input_emb))
+    untie(model)
     model.qcompile_report = Report(config=config.to_dict(), graphs=[report])
     return model
+
+
+def float_report(plan, weight: torch.Tensor) -> LinearReport:
+    """The report line of a layer that stays float (`plan.reason` says why)."""
+    return LinearReport(plan.path, plan.in_features, plan.out_features, None, plan.reason, plan.notes,
+                        2 * weight.numel())
+
+
+def install(model: nn.Module, path: str, mod: nn.Module, weight, plan, input_emb: nn.Module | None) -> LinearReport:
+    """Replace the layer at `path` by a QuantLinear holding `weight` (a canonical format), on the
+    layer's device; an int8 lm_head tied to the input embedding shares its table with it."""
+    float_bytes = 2 * plan.in_features * plan.out_features
+    device = getattr(mod, "weight").device
+    packed = lowering.pack(weight, device)
+    qlinear = QuantLinear(packed, mod.bias)
+    tied = input_emb is not None and getattr(input_emb, "weight", None) is mod.weight
+    _set_module(model, path, qlinear)
+    if tied and is_output_head(path) and packed.layout == "int8":
+        _set_module(model, _path_of(model, input_emb),
+                    QuantEmbedding(qlinear, input_emb.weight.dtype, getattr(input_emb, "padding_idx", None)))
+        plan.notes.append("tied input embedding reads the same int8 table")
+    elif tied:
+        plan.notes.append("tied input embedding keeps its float table")
+    return LinearReport(path, plan.in_features, plan.out_features, str(packed.op.name()), plan.reason,
+                        plan.notes, float_bytes, packed.nbytes)
+
+
+def untie(model: nn.Module) -> None:
+    """The float tie of lm_head and embedding is gone once either is replaced; stop HF re-tying."""
+    if hasattr(model, "config") and hasattr(model.config, "tie_word_embeddings"):
+        model.config.tie_word_embeddings = False
 
 
 def _path_of(model: nn.Module, target: nn.Module) -> str:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .. import lowering
-from ..config import QuantConfig, RTNConfig, choose_group_size, is_output_head
+from ..config import GPTQConfig, QuantConfig, RTNConfig, choose_group_size, is_output_head
 from ..formats import Int4Weight, Int8Weight
 from . import rtn
 
@@ -28,6 +28,7 @@ class LinearPlan:
     group_size: int | None = None
     reason: str = ""                  # why it stays float, or what quantizes it
     notes: list[str] = field(default_factory=list)
+    data_free: bool = True            # False: the method needs calibration inputs (GPTQ)
 
     @property
     def quantized(self) -> bool:
@@ -56,10 +57,11 @@ def plan_linear(config: QuantConfig, path: str, weight: Tensor, device: torch.de
             "here (a failed load or overflow); fix the weights or skip the layer with "
             f"skip=({path!r},) in the config"
         )
-    if is_output_head(path) and config.lm_head_bits == 8:
+    head_int8 = is_output_head(path) and config.lm_head_bits == 8
+    if head_int8:
         fmt, group = "int8", None
     else:
-        fmt = "int4"
+        fmt = "int8" if getattr(config, "bits", 4) == 8 else "int4"
         group, note = choose_group_size(getattr(config, "group_size", 64), k)
         if group is None:
             plan.reason = f"no supported group size (32, 64, 128, 256) divides in_features {k}"
@@ -70,11 +72,17 @@ def plan_linear(config: QuantConfig, path: str, weight: Tensor, device: torch.de
         plan.reason = why
         return plan
     plan.format, plan.group_size = fmt, group
-    plan.reason = describe(config, fmt, group, k)
+    plan.reason = "int8 per channel, symmetric" if head_int8 else describe(config, fmt, group, k)
+    plan.data_free = head_int8 or not config.needs_calibration
     return plan
 
 
 def describe(config: QuantConfig, fmt: str, group: int | None, in_features: int) -> str:
+    if isinstance(config, GPTQConfig):
+        g = "per channel" if group == in_features and config.group_size is None else f"g{group}"
+        order = ", act_order" + (" (static groups)" if config.static_groups and config.group_size else "")
+        return (f"{config.bits}-bit {g} {'sym' if config.sym else 'asym'}, gptq"
+                f"{order if config.act_order else ''}{', clip search' if config.clip_search else ''}")
     if fmt == "int8":
         return "int8 per channel, symmetric"
     if isinstance(config, RTNConfig):
@@ -86,7 +94,7 @@ def describe(config: QuantConfig, fmt: str, group: int | None, in_features: int)
 def quantize_linear(config: QuantConfig, plan: LinearPlan, weight: Tensor,
                     importance: Tensor | None = None) -> Int4Weight | Int8Weight:
     """Quantize a float weight [out, in] as planned (data-free methods only)."""
-    if plan.format == "int8":
+    if plan.format == "int8" and plan.data_free:
         return rtn.quantize_int8(weight, scale_dtype=config.scale_dtype)
     if isinstance(config, RTNConfig):
         return rtn.quantize_int4(weight, plan.group_size, sym=config.sym, search=config.search,
