@@ -12,13 +12,12 @@ softmax weight by that much relatively), rounds the weights to the input dtype f
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-import tempfile
 
 import pytest
 import torch
+
+from tests.interpreter import check, run_children
 
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 
@@ -131,46 +130,25 @@ def _child_main(parts) -> None:
 @pytest.fixture(scope="module")
 def results():
     pytest.importorskip("triton")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with tempfile.TemporaryDirectory() as cache:
-        env = {**os.environ, "TRITON_INTERPRET": "1", "TORCHINDUCTOR_CACHE_DIR": cache,
-               "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-        procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), *parts], env=env, cwd=root,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for parts in CHILD_PARTS]
-        outputs = [proc.communicate(timeout=600) for proc in procs]
-    cases = {}
-    for proc, (stdout, stderr) in zip(procs, outputs):
-        if proc.returncode:
-            pytest.fail(f"interpreter child process failed:\n{stderr[-4000:]}")
-        for line in stdout.splitlines():
-            if line.startswith("{"):
-                record = json.loads(line)
-                cases[record.pop("case")] = record
-    return cases
+    return run_children(__file__, CHILD_PARTS)
 
 
-def _check(results, prefix, minimum):
-    cases = {k: v for k, v in results.items() if k.startswith(prefix)}
-    assert len(cases) >= minimum, f"expected >= {minimum} '{prefix}' cases, got {sorted(cases)}"
-    bad = {k: v for k, v in cases.items() if not v["ok"]}
-    assert not bad, f"{len(bad)}/{len(cases)} cases out of tolerance: {bad}"
 
 
 def test_decode_every_config_and_split_matches_float64(results):
     from qcompile.lowering.triton_attention import DECODE_CONFIGS
 
-    _check(results, "decode-", 3 * (2 * len(DECODE_CONFIGS) + 2))
+    check(results, "decode-", 3 * (2 * len(DECODE_CONFIGS) + 2))
 
 
 def test_prefill_causal_masks_alibi_match_float64(results):
     from qcompile.lowering.triton_attention import PREFILL_CONFIGS
 
-    _check(results, "prefill-", len(PREFILL_CONFIGS) + 4)
+    check(results, "prefill-", len(PREFILL_CONFIGS) + 4)
 
 
 def test_half_precision_matches_float64(results):
-    _check(results, "dtype-", 4)
+    check(results, "dtype-", 4)
 
 
 def test_config_choice_and_bad_configs():

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
 
 import pytest
 import torch
+
+from tests.interpreter import check, run_children
 
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -260,30 +261,9 @@ def _child_main(parts) -> None:
 def results():
     pytest.importorskip("triton")
     pytest.importorskip("jinja2")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with tempfile.TemporaryDirectory() as cache:
-        env = {**os.environ, "TRITON_INTERPRET": "1", "TORCHINDUCTOR_CACHE_DIR": cache,
-               "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-        procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), *parts], env=env, cwd=root,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for parts in CHILD_PARTS]
-        outputs = [proc.communicate(timeout=600) for proc in procs]
-    cases = {}
-    for proc, (stdout, stderr) in zip(procs, outputs):
-        if proc.returncode:
-            pytest.fail(f"interpreter child process failed:\n{stderr[-4000:]}")
-        for line in stdout.splitlines():
-            if line.startswith("{"):
-                record = json.loads(line)
-                cases[record.pop("case")] = record
-    return cases
+    return run_children(__file__, CHILD_PARTS)
 
 
-def _check(results, prefix, minimum):
-    cases = {k: v for k, v in results.items() if k.startswith(prefix)}
-    assert len(cases) >= minimum, f"expected >= {minimum} '{prefix}' cases, got {sorted(cases)}"
-    bad = {k: v for k, v in cases.items() if not v["ok"]}
-    assert not bad, f"{len(bad)}/{len(cases)} cases out of tolerance: {bad}"
 
 
 @pytest.mark.parametrize("g", [32, 64, 128, 256])
@@ -292,29 +272,29 @@ def test_kernel_every_config_matches_float64(results, g):
 
     per_dtype = 2 * len(ti.DECODE_CONFIGS) + len(ti.SMALL_BATCH_CONFIGS)
     per_dtype += len(ti.PREFILL_CONFIGS) if g in (32, 256) else 0
-    _check(results, f"g{g}-", 3 * per_dtype)
+    check(results, f"g{g}-", 3 * per_dtype)
 
 
 def test_kernel_odd_k_and_leading_dims(results):
-    _check(results, "oddk-", 3)
+    check(results, "oddk-", 3)
 
 
 def test_kernel_scale_and_zero_dtypes(results):
-    _check(results, "scales-", 9)
+    check(results, "scales-", 9)
 
 
 def test_inductor_template_source_matches_float64(results):
-    _check(results, "template-", 4)
+    check(results, "template-", 4)
 
 
 def test_cpu_compile_keeps_fallback(results):
-    _check(results, "cpu-fallback", 1)
+    check(results, "cpu-fallback", 1)
 
 
 def test_inductor_template_codegen_fuses_epilogue(results):
     if torch.cuda.is_available():
         pytest.skip("covered on the GPU by tests/test_gpu_int4.py")
-    _check(results, "interpreted-", 6)
+    check(results, "interpreted-", 6)
 
 
 def test_configs_fit_or_raise():

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
 
 import pytest
 import torch
+
+from tests.interpreter import check, run_children
 
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -267,30 +268,9 @@ def _child_main(parts) -> None:
 def results():
     pytest.importorskip("triton")
     pytest.importorskip("jinja2")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with tempfile.TemporaryDirectory() as cache:
-        env = {**os.environ, "TRITON_INTERPRET": "1", "TORCHINDUCTOR_CACHE_DIR": cache,
-               "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-        procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), *parts], env=env, cwd=root,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for parts in CHILD_PARTS]
-        outputs = [proc.communicate(timeout=600) for proc in procs]
-    cases = {}
-    for proc, (stdout, stderr) in zip(procs, outputs):
-        if proc.returncode:
-            pytest.fail(f"interpreter child process failed:\n{stderr[-4000:]}")
-        for line in stdout.splitlines():
-            if line.startswith("{"):
-                record = json.loads(line)
-                cases[record.pop("case")] = record
-    return cases
+    return run_children(__file__, CHILD_PARTS)
 
 
-def _check(results, prefix, minimum):
-    cases = {k: v for k, v in results.items() if k.startswith(prefix)}
-    assert len(cases) >= minimum, f"expected >= {minimum} '{prefix}' cases, got {sorted(cases)}"
-    bad = {k: v for k, v in cases.items() if not v["ok"]}
-    assert not bad, f"{len(bad)}/{len(cases)} cases out of tolerance: {bad}"
 
 
 @pytest.mark.parametrize("bits", [3, 4])
@@ -298,41 +278,41 @@ def test_kernel_every_config_matches_float64(results, bits):
     from qcompile.lowering import triton_lut as tl_
 
     per_dtype = 2 * len(tl_.DECODE_CONFIGS) + len(tl_.SMALL_BATCH_CONFIGS) + len(tl_.PREFILL_CONFIGS)
-    _check(results, f"b{bits}-", 3 * per_dtype)
+    check(results, f"b{bits}-", 3 * per_dtype)
 
 
 def test_kernel_odd_k_and_leading_dims(results):
-    _check(results, "oddk-", 3)
+    check(results, "oddk-", 3)
 
 
 def test_kernel_table_dtypes_and_layouts(results):
-    _check(results, "tables-", 12)
+    check(results, "tables-", 12)
 
 
 def test_kernel_empty_input_and_tickets_reset(results):
-    _check(results, "empty-m", 1)
-    _check(results, "tickets-reset", 1)
+    check(results, "empty-m", 1)
+    check(results, "tickets-reset", 1)
 
 
 def test_inductor_template_source_matches_float64(results):
-    _check(results, "template-", 4)
+    check(results, "template-", 4)
 
 
 def test_cpu_compile_keeps_fallback(results):
-    _check(results, "cpu-fallback", 1)
+    check(results, "cpu-fallback", 1)
 
 
 def test_inductor_template_codegen_fuses_epilogue(results):
     if torch.cuda.is_available():
         pytest.skip("covered on the GPU by tests/test_gpu_lut.py")
-    _check(results, "interpreted-template-", 3)
-    _check(results, "interpreted-dynamic-", 2)
+    check(results, "interpreted-template-", 3)
+    check(results, "interpreted-dynamic-", 2)
 
 
 def test_inductor_decode_takes_split_k_extern(results):
     if torch.cuda.is_available():
         pytest.skip("covered on the GPU by tests/test_gpu_lut.py")
-    _check(results, "interpreted-extern-split-k", 1)
+    check(results, "interpreted-extern-split-k", 1)
 
 
 def test_configs_and_split_k():
