@@ -19,7 +19,7 @@ import warnings
 
 import torch
 
-from . import triton_int4
+from . import triton_int4, triton_tiles
 
 # Inductor modules are imported inside the functions: importing them costs ~1 s, and CPU-only
 # builds never need them.
@@ -118,14 +118,7 @@ _TEMPLATE_BODY = r"""
     stride_zn = {{stride("Z", 0)}}
     stride_zg = {{stride("Z", 1)}}
 
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * grid_n
-    first_m = (pid // width) * GROUP_M
-    rows = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % rows)
-    pid_n = (pid % width) // rows
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -166,7 +159,10 @@ _TEMPLATE_BODY = r"""
 
 
 def template_source() -> str:
-    return _TEMPLATE_BODY.replace("MARKER", TEMPLATE_MARKER).replace("STORE_OUTPUT", _store_output_call())
+    # the tile order as triton_tiles defines it; Jinja leaves it alone ({% raw %})
+    helper = inspect.getsource(triton_tiles.grouped_tile.fn)
+    body = _TEMPLATE_BODY.replace("MARKER", TEMPLATE_MARKER).replace("STORE_OUTPUT", _store_output_call())
+    return body + "\n\n{% raw %}\n" + helper + "{% endraw %}\n"
 
 
 # --- the lowering -------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import warnings
 
 import torch
 
-from . import triton_lut
+from . import triton_lut, triton_tiles
 from .inductor_int4 import (_extern_choice, _guard_int, _make_template, _max_autotune, _select, _size_hint,
                             _store_output_call)
 
@@ -47,14 +47,7 @@ _TEMPLATE_BODY = r"""
     stride_cn = {{stride("CODES", 0)}}
     stride_tn = {{stride("TABLES", 0)}}
 
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * grid_n
-    first_m = (pid // width) * GROUP_M
-    rows = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % rows)
-    pid_n = (pid % width) // rows
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = lut_mm_tile(X, CODES, TABLES, rm, rn, M, N, 0, K, stride_xm, stride_xk, stride_cn, stride_tn,
@@ -65,8 +58,10 @@ _TEMPLATE_BODY = r"""
     mask = (idx_m < M) & (idx_n < N)
     STORE_OUTPUT
 """
-# The K loop and the lookups, as triton_lut defines them; Jinja leaves them alone ({% raw %}).
-_TILE_FUNCTIONS = (triton_lut._lut_lookup, triton_lut._lut_mm_steps, triton_lut.lut_mm_tile)
+# The tile order, the K loop and the lookups, as triton_tiles/triton_lut define them; Jinja leaves
+# them alone ({% raw %}).
+_TILE_FUNCTIONS = (triton_tiles.grouped_tile, triton_lut._lut_lookup, triton_lut._lut_mm_steps,
+                   triton_lut.lut_mm_tile)
 
 
 def template_source() -> str:

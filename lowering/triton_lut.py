@@ -45,6 +45,8 @@ from torch import Tensor
 
 from qcompile.ops import dequantize_lut
 
+from .triton_tiles import grouped_tile
+
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DEFAULT_NUM_SMS = 132  # H100 SXM; used where no CUDA device can be asked (the interpreter)
@@ -252,14 +254,8 @@ def lut_mm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT_K,  # not a constexpr: one compile serves every split (triton specializes SPLIT_K == 1)
 ):
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * grid_n
-    first_m = (pid // width) * GROUP_M
-    rows = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % rows)
-    pid_n = (pid % width) // rows
+    pid = tl.program_id(0)  # also names this tile's split-K ticket
+    pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
 
