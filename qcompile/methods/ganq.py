@@ -19,13 +19,13 @@ The best (lowest error) iterate is kept: the S-step is greedy, so an iteration c
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ..formats import LutWeight, pack_nibbles
+from .threads import threads
 
 
 @dataclass
@@ -45,16 +45,6 @@ def _cholesky_lower(h: Tensor, damp: float) -> tuple[Tensor, float]:
             return lower, damp
         damp *= 10
     raise torch.linalg.LinAlgError(f"H is not positive definite even with damping {damp / 10:g} x mean(diag)")
-
-
-@contextmanager
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def output_error(w: Tensor, w_hat: Tensor, h: Tensor) -> Tensor:
@@ -114,7 +104,7 @@ def assign_codes(w: Tensor, tables: Tensor, lower: Tensor, block: int = 128) -> 
     midpoints = ((tables[:, 1:] + tables[:, :-1]) / 2).contiguous()  # tables are sorted per row
     flat = tables.reshape(-1)
     offsets = torch.arange(m, device=w.device) * tables.shape[1]
-    with _one_thread():  # hundreds of tiny ops per block: threads cost more than they give
+    with threads(1):  # hundreds of tiny ops per block: threads cost more than they give
         for end in range(n, 0, -block):
             start = max(0, end - block)
             resid = torch.empty(end - start, m, dtype=w.dtype, device=w.device)

@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ..formats import Int4Weight, Int8Weight, pack_nibbles
+from .threads import threads
 
 BITS = (2, 3, 4, 8)
 MAX_DAMP_RAISES = 5
@@ -187,19 +187,6 @@ def _check(weight: Tensor, bits: int, group_size: int | None) -> int:
     return g
 
 
-@contextmanager
-def _threads(n: int):
-    """The column loop runs on one thread: its ops (and a grid fit's cache-sized chunks) are too
-    small to split, and a parallel region per op costs more than the op (milliseconds when other
-    processes share the cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def gptq_quantize(weight: Tensor, inv: InverseHessian, *, bits: int = 4, group_size: int | None = 128,
                   sym: bool = True, static_groups: bool = False, clip_search: bool = False,
                   block_size: int = 128, scale_dtype: torch.dtype = torch.bfloat16) -> GPTQResult:
@@ -239,7 +226,7 @@ def gptq_quantize(weight: Tensor, inv: InverseHessian, *, bits: int = 4, group_s
         w1 = wt[i1:i2].clone()
         err1 = torch.zeros_like(w1)
         h1 = hinv[i1:i2, i1:i2]
-        with _threads(1):
+        with threads(1):  # the column loop's ops are too small to split
             for i in range(i2 - i1):
                 j = i1 + i
                 if not upfront and j % g == 0:
