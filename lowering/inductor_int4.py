@@ -207,19 +207,27 @@ def _lower_int4_mm(x, qweight, scales, zeros, group_size):
     return out if len(lead) == 1 else view(out, [*lead, n])
 
 
+def install(op, name: str, source, kernel, lower):
+    """Register `lower` as Inductor's lowering of `op`; returns (extern choice calling `kernel`,
+    template rendered from `source()` or None if this release's Inductor API could not build it)."""
+    from torch._inductor.lowering import register_lowering
+
+    extern = _extern_choice(kernel, name)
+    template = None
+    try:
+        template = _make_template(source(), name)
+    except Exception as e:  # an Inductor API moved: keep the lowering, extern kernel only
+        warnings.warn(f"qcompile: {name} Triton template disabled ({type(e).__name__}: {e}); "
+                      "Inductor will call the eager Triton kernel instead", stacklevel=3)
+    register_lowering(op, type_promotion_kind=None)(lower)
+    return extern, template
+
+
 def register() -> bool:
     """Install the lowering (idempotent). Returns whether the template choice is available."""
     global _template, _extern, _registered
     if not _registered:
-        from torch._inductor.lowering import register_lowering
-
-        _extern = _extern_choice()
-        try:
-            _template = _make_template(template_source())
-        except Exception as e:  # an Inductor API moved: keep the lowering, extern kernel only
-            warnings.warn(f"qcompile: int4_mm Triton template disabled ({type(e).__name__}: {e}); "
-                          "Inductor will call the eager Triton kernel instead", stacklevel=2)
-        register_lowering(OP, type_promotion_kind=None)(_lower_int4_mm)
+        _extern, _template = install(OP, TEMPLATE_NAME, template_source, None, _lower_int4_mm)
         _registered = True
     return _template is not None
 

@@ -24,8 +24,7 @@ import warnings
 import torch
 
 from . import triton_lut, triton_tiles
-from .inductor_int4 import (_extern_choice, _guard_int, _make_template, _max_autotune, _select, _size_hint,
-                            _store_output_call)
+from .inductor_int4 import _guard_int, _max_autotune, _select, _size_hint, _store_output_call, install
 
 OP = torch.ops.qcompile.lut_mm_kernel.default  # what compiled graphs call (ops.py)
 TEMPLATE_NAME = "qcompile_lut_mm"
@@ -128,15 +127,7 @@ def register() -> bool:
     """Install the lowering (idempotent). Returns whether the template choice is available."""
     global _template, _extern, _registered
     if not _registered:
-        from torch._inductor.lowering import register_lowering
-
-        _extern = _extern_choice(triton_lut.lut_mm_triton, TEMPLATE_NAME)
-        try:
-            _template = _make_template(template_source(), TEMPLATE_NAME)
-        except Exception as e:  # an Inductor API moved: keep the lowering, extern kernel only
-            warnings.warn(f"qcompile: lut_mm Triton template disabled ({type(e).__name__}: {e}); "
-                          "Inductor will call the eager Triton kernel instead", stacklevel=2)
-        register_lowering(OP, type_promotion_kind=None)(_lower_lut_mm)
+        _extern, _template = install(OP, TEMPLATE_NAME, template_source, triton_lut.lut_mm_triton, _lower_lut_mm)
         _registered = True
     return _template is not None
 

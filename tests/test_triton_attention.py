@@ -133,8 +133,6 @@ def results():
     return run_children(__file__, CHILD_PARTS)
 
 
-
-
 def test_decode_every_config_and_split_matches_float64(results):
     from qcompile.lowering.triton_attention import DECODE_CONFIGS
 

@@ -264,8 +264,6 @@ def results():
     return run_children(__file__, CHILD_PARTS)
 
 
-
-
 @pytest.mark.parametrize("g", [32, 64, 128, 256])
 def test_kernel_every_config_matches_float64(results, g):
     from qcompile.lowering import triton_int4 as ti

@@ -271,8 +271,6 @@ def results():
     return run_children(__file__, CHILD_PARTS)
 
 
-
-
 @pytest.mark.parametrize("bits", [3, 4])
 def test_kernel_every_config_matches_float64(results, bits):
     from qcompile.lowering import triton_lut as tl_
