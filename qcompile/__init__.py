@@ -23,7 +23,7 @@ from . import attention_ops  # noqa: E402  (registers torch.ops.qcompile.gqa_att
 from . import lowering  # noqa: E402  (registers kernels)
 from ._compat import route_generate_through_compiled_forward as _route_generate  # noqa: E402
 from .backend import DEFAULT as _DEFAULT_BACKEND, Backend, backend  # noqa: E402
-from .config import AttentionConfig, GPTQConfig, QuantConfig, RTNConfig, default_config  # noqa: E402
+from .config import AttentionConfig, GANQConfig, GPTQConfig, QuantConfig, RTNConfig, default_config  # noqa: E402
 from .explain import explain  # noqa: E402
 from .gqa import GQAConfig, convert_to_gqa  # noqa: E402
 from .quantize import quantize  # noqa: E402
@@ -32,7 +32,7 @@ from .report import Report  # noqa: E402
 from .serialization import load, save  # noqa: E402
 
 __all__ = ["backend", "Backend", "quantize", "save", "load", "explain", "Report", "CheckpointError",
-           "QuantConfig", "RTNConfig", "GPTQConfig", "default_config", "AttentionConfig", "GQAConfig",
+           "QuantConfig", "RTNConfig", "GPTQConfig", "GANQConfig", "default_config", "AttentionConfig", "GQAConfig",
            "convert_to_gqa"]
 __version__ = "0.1.0"
 

@@ -22,8 +22,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .config import GPTQConfig, is_output_head
-from .methods import gptq, plan_linear, quantize_linear
+from .config import GANQConfig, GPTQConfig, is_output_head
+from .methods import ganq, gptq, plan_linear, quantize_linear
 from .quantize import float_report, install, linear_modules, untie
 from .report import GraphReport, LinearReport, Report
 
@@ -207,7 +207,7 @@ def sequential_groups(block: nn.Module, mods: dict[str, nn.Module], inp: BlockIn
     return [g for _, g in seen]
 
 
-def collect_hessians(block: nn.Module, mods: dict[str, nn.Module], inputs: list[BlockInput]) -> dict[str, gptq.Hessian]:
+def collect_hessians(block: nn.Module, mods: dict[str, nn.Module], inputs) -> dict[str, gptq.Hessian]:
     """Hessians of `mods`' inputs over every calibration batch. Layers that read the same tensor
     share one Hessian object. Each forward stops as soon as every layer has been reached."""
     hessians: dict[str, gptq.Hessian] = {}
@@ -240,6 +240,90 @@ def collect_hessians(block: nn.Module, mods: dict[str, nn.Module], inputs: list[
     return hessians
 
 
+def replayable_children(block: nn.Module, lins: dict[str, tuple[nn.Module, Tensor]],
+                        inp: BlockInput) -> dict[str, tuple[str, int | None]]:
+    """{child: (its tail linear, tuple length or None)} for the block's direct children whose output is exactly the output
+    of one of their own linears (``self_attn`` -> ``o_proj``, ``mlp`` -> ``down_proj`` in Llama),
+    alone or first in a tuple of Nones. Found by running the block once and comparing tensors by
+    identity, so an architecture that does anything after its last linear is left out."""
+    outputs: dict[str, object] = {}
+    hooks = [m.register_forward_hook(lambda m, a, out, name=name: outputs.setdefault(name, out))
+             for name, m in [*block.named_children(), *((n, mod) for n, (mod, _) in lins.items())]]
+    try:
+        run_block(block, inp)
+    finally:
+        for h in hooks:
+            h.remove()
+    tails = {}
+    for child, _ in block.named_children():
+        out = outputs.get(child)
+        first = out[0] if isinstance(out, tuple) and all(o is None for o in out[1:]) else out
+        for n in lins:
+            if n.startswith(child + ".") and outputs.get(n) is first and isinstance(first, Tensor):
+                tails[child] = (n, len(out) if isinstance(out, tuple) else None)
+    return tails
+
+
+class SubmoduleReplay:
+    """Skips recomputing a block's sub-modules (attention, MLP) once only their tail linear can
+    still change.
+
+    When every linear of a child except its tail (``o_proj`` of ``self_attn``) is quantized, and
+    (groups go in forward order) every linear before it too, the tail's input no longer changes:
+    it is recorded per calibration batch in the pass that collects the tail's Hessian, and later
+    passes of the block compute the child's output as tail(recorded input). A Llama block then
+    runs its attention twice per block instead of four times, and gate/up once less."""
+
+    def __init__(self, block: nn.Module, lins: dict[str, tuple[nn.Module, Tensor]],
+                 tails: dict[str, tuple[str, int | None]]):
+        self.block, self.lins, self.tails = block, lins, tails
+        self.inputs: dict[str, list[Tensor]] = {}   # tail -> its input per batch
+        self.hooks: list = []
+        self.replaying: list[str] = []
+        self.batch, self.batches = 0, None
+
+    def update(self, done: set[str]) -> None:
+        """Record the tails whose child is otherwise done; replay the children whose tail input is
+        recorded for every batch."""
+        for child, (tail, arity) in self.tails.items():
+            others = [n for n in self.lins if n.startswith(child + ".") and n != tail]
+            if tail in self.inputs:
+                if child not in self.replaying and self.inputs[tail] and len(self.inputs[tail]) == self.batches:
+                    self.replaying.append(child)
+                    self.block.get_submodule(child).forward = self._replay(tail, arity)
+            elif all(n in done for n in others):
+                self.inputs[tail] = []
+                self.hooks.append(self.lins[tail][0].register_forward_pre_hook(self._record(tail)))
+
+    def _record(self, tail: str):
+        def hook(module, args):
+            if self.batch == len(self.inputs[tail]):
+                self.inputs[tail].append(args[0])
+        return hook
+
+    def _replay(self, tail: str, arity: int | None):
+        module = self.lins[tail][0]
+
+        def run(*args, **kwargs):
+            out = module(self.inputs[tail][self.batch])
+            return out if arity is None else (out, *([None] * (arity - 1)))
+        return run
+
+    def passes(self, inputs: list[BlockInput]):
+        """(input) for one pass over the calibration batches, keeping track of the batch index."""
+        self.batches = len(inputs)
+        for i, inp in enumerate(inputs):
+            self.batch = i
+            yield inp
+
+    def close(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        for child in self.replaying:
+            del self.block.get_submodule(child).forward  # back to the class's forward
+        self.hooks, self.replaying, self.inputs = [], [], {}
+
+
 # --- the sequential pass ---------------------------------------------------------------------------
 def _gptq_note(inv: gptq.InverseHessian) -> list[str]:
     notes = []
@@ -251,15 +335,57 @@ def _gptq_note(inv: gptq.InverseHessian) -> list[str]:
     return notes
 
 
+def _sharing(hessians: dict[str, gptq.Hessian], names: list[str]) -> list[list[str]]:
+    """`names` grouped by the Hessian object they share (q/k/v read one input), in order."""
+    groups: dict[int, list[str]] = {}
+    for n in names:
+        groups.setdefault(id(hessians[n]), []).append(n)
+    return list(groups.values())
+
+
+def fit_layers(config: GPTQConfig | GANQConfig, h: Tensor, weights: list[Tensor], plans: list,
+               name: str) -> list[tuple[Tensor, object]]:
+    """Quantize layers that share the Hessian `h` of their input: (dequantized weight, format)
+    per layer. Adds what was used (damping) to the plans' reasons and notes."""
+    if isinstance(config, GANQConfig):  # one batched fit: the rows of all layers together
+        result = ganq.ganq_quantize(torch.cat([w.detach() for w in weights]), h, bits=config.bits,
+                                    iters=config.iters, damp=config.damp_percent,
+                                    table_dtype=config.table_dtype)
+        out, row = [], 0
+        for w, plan in zip(weights, plans):
+            part = result.weight.rows(row, row + w.shape[0])
+            row += w.shape[0]
+            plan.reason += f", damp {result.damp:g}"
+            plan.notes.append(f"table {part.tables.numel() * part.tables.element_size()} bytes "
+                              f"({part.tables.shape[1]} entries x {part.tables.shape[0]} rows)")
+            out.append((part.dequantize(w.dtype), part))
+        if result.errors[0] > 0:
+            plans[0].notes.append(f"output error {min(result.errors) / result.errors[0]:.2f}x the initial "
+                                  f"table's after {config.iters} iterations (shared by {len(weights)} layers)")
+        return out
+    inv = gptq.invert(h, act_order=config.act_order, damp_percent=config.damp_percent, name=name)
+    out = []
+    for w, plan in zip(weights, plans):
+        result = gptq.gptq_quantize(
+            w, inv, bits=config.bits, group_size=None if config.group_size is None else plan.group_size,
+            sym=config.sym, static_groups=config.static_groups, clip_search=config.clip_search,
+            block_size=config.block_size, scale_dtype=config.scale_dtype)
+        plan.reason += f", damp {inv.damp_percent:g}"
+        plan.notes += _gptq_note(inv)
+        out.append((result.dequantize(w.dtype), gptq.to_format(result)))
+    return out
+
+
 @torch.no_grad()
-def quantize_with_calibration(model: nn.Module, config: GPTQConfig, calibration=None, *, tokenizer=None,
+def quantize_with_calibration(model: nn.Module, config: GPTQConfig | GANQConfig, calibration=None, *, tokenizer=None,
                               progress: bool = True) -> nn.Module:
     """GPTQ over a decoder model, block by block (see the module docstring); `qcompile.quantize`
     calls this for configs that need calibration. Layers outside the decoder blocks follow the
     config's rule (int8 lm_head by default). Ctrl-C leaves done layers quantized, the rest float."""
-    if not isinstance(config, GPTQConfig):
-        raise TypeError(f"calibration-based quantization needs a GPTQConfig, got {type(config).__name__}")
-    gptq.require_format(config.bits)
+    if not isinstance(config, (GPTQConfig, GANQConfig)):
+        raise TypeError(f"calibration-based quantization needs a GPTQConfig or GANQConfig, got {type(config).__name__}")
+    if isinstance(config, GPTQConfig):
+        gptq.require_format(config.bits)
     blocks_path, blocks = decoder_blocks(model)
     rows, described = calibration_ids(calibration, model=model, tokenizer=tokenizer,
                                       nsamples=config.nsamples, seqlen=config.seqlen)
@@ -269,7 +395,6 @@ def quantize_with_calibration(model: nn.Module, config: GPTQConfig, calibration=
     shapes = [(path, w.shape) for path, _, w in linear_modules(model)]
     entries: dict[str, LinearReport] = {}
     input_emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    group_size = lambda plan: None if config.group_size is None else plan.group_size  # noqa: E731
     pending: list = []  # (path, module, format, plan) quantized in the current block, not yet swapped
 
     def flush():
@@ -280,10 +405,11 @@ def quantize_with_calibration(model: nn.Module, config: GPTQConfig, calibration=
     was_training = model.training
     model.eval()
     finished = False
+    replay = None
     try:
         inputs = capture_block_inputs(model, blocks[0], batches)
         order = None
-        for i, block in enumerate(tqdm(blocks, desc="gptq", unit="block", disable=not progress)):
+        for i, block in enumerate(tqdm(blocks, desc=config.method, unit="block", disable=not progress)):
             prefix = f"{blocks_path}.{i}." if blocks_path else f"{i}."
             lins = {name: (mod, w) for name, mod, w in linear_modules(block)}
             plans = {name: plan_linear(config, prefix + name, w, w.device) for name, (_, w) in lins.items()}
@@ -292,35 +418,32 @@ def quantize_with_calibration(model: nn.Module, config: GPTQConfig, calibration=
                     entries[prefix + name] = float_report(plan, lins[name][1])
             if order is None:  # blocks are identical: the grouping of the first serves all
                 order = sequential_groups(block, {n: m for n, (m, _) in lins.items()}, inputs[0])
+                tails = replayable_children(block, lins, inputs[0])
             groups = order if config.true_sequential else [[n for g in order for n in g]]
+            replay = SubmoduleReplay(block, lins, tails)
+            done = {n for n, plan in plans.items() if not plan.quantized}
             for group in groups:
                 names = [n for n in group if n in plans and plans[n].quantized]
+                replay.update(done)
+                done.update(group)
                 if not names:
                     continue
-                hessians = collect_hessians(block, {n: lins[n][0] for n in names}, inputs)
-                inverses: dict[int, gptq.InverseHessian] = {}
-                for n in names:
-                    h = hessians[n]
-                    if id(h) not in inverses:
-                        inverses[id(h)] = gptq.invert(h.h, act_order=config.act_order,
-                                                      damp_percent=config.damp_percent, name=prefix + n)
-                    inv = inverses[id(h)]
-                    mod, w = lins[n]
-                    plan = plans[n]
-                    result = gptq.gptq_quantize(
-                        w, inv, bits=config.bits, group_size=group_size(plan), sym=config.sym,
-                        static_groups=config.static_groups, clip_search=config.clip_search,
-                        block_size=config.block_size, scale_dtype=config.scale_dtype)
-                    plan.reason += f", damp {inv.damp_percent:g}"
-                    plan.notes += _gptq_note(inv)
-                    # Until the block is done, the layer computes with its dequantized weight in
-                    # float: the same values as the quantized kernel, without its act_order
-                    # input gather (the next groups' inputs and the next block's are made this way).
-                    w.copy_(result.dequantize(w.dtype))
-                    pending.append((prefix + n, mod, gptq.to_format(result), plan))
-                del hessians, inverses
-            for inp in inputs:  # the quantized block makes the next block's inputs
+                hessians = collect_hessians(block, {n: lins[n][0] for n in names}, replay.passes(inputs))
+                for members in _sharing(hessians, names):
+                    weights = [lins[n][1] for n in members]
+                    results = fit_layers(config, hessians[members[0]].h, weights, [plans[n] for n in members],
+                                         prefix + members[0])
+                    for n, w, (dequantized, fmt) in zip(members, weights, results):
+                        # Until the block is done, the layer computes with its dequantized weight
+                        # in float: the same values as the quantized kernel (without an act_order
+                        # input gather); the next groups' inputs and the next block's come from it.
+                        w.copy_(dequantized)
+                        pending.append((prefix + n, lins[n][0], fmt, plans[n]))
+                del hessians
+            replay.update(done)
+            for inp in replay.passes(inputs):  # the quantized block makes the next block's inputs
                 inp.hidden = run_block(block, inp)
+            replay.close()
             del lins
             flush()
         del inputs
@@ -333,14 +456,20 @@ def quantize_with_calibration(model: nn.Module, config: GPTQConfig, calibration=
                 continue
             if plan.data_free:
                 q = quantize_linear(config, plan, w)
+            elif isinstance(config, GANQConfig):
+                q = ganq.nearest_table_quantize(w, config.bits, config.table_dtype)
+                plan.reason = (plan.reason.split(", ganq")[0] + ", nearest entry of a per-row k-means table "
+                               "(outside the decoder blocks: no calibration inputs)")
             else:
-                q = gptq.to_format(gptq.rtn_quantize(w, bits=config.bits, group_size=group_size(plan), sym=config.sym,
+                q = gptq.to_format(gptq.rtn_quantize(w, bits=config.bits, group_size=plan.group_size, sym=config.sym,
                                                      clip_search=config.clip_search, scale_dtype=config.scale_dtype))
                 plan.reason = (plan.reason.split(", gptq")[0] + ", round to nearest on the GPTQ grid "
                                "(outside the decoder blocks: no calibration inputs)")
             entries[path] = install(model, path, mod, q, plan, input_emb)
         finished = True
     finally:
+        if replay is not None:  # stopped mid-block: the sub-modules compute again
+            replay.close()
         flush()
         model.train(was_training)
         why = "not reached by the calibration forward" if finished else "calibration stopped before this layer"

@@ -68,6 +68,8 @@ class QuantConfig:
         d = dict(d)
         cls = CONFIGS[d.pop("method")]
         d["scale_dtype"] = getattr(torch, d["scale_dtype"])
+        if "table_dtype" in d:
+            d["table_dtype"] = getattr(torch, d["table_dtype"])
         d["skip"] = tuple(d.get("skip", ()))
         return cls(**d)
 
@@ -189,7 +191,70 @@ class GPTQConfig(QuantConfig):
                 raise ValueError(f"{name}({field}={getattr(self, field)!r}): must be True or False")
 
 
-CONFIGS: dict[str, type[QuantConfig]] = {"rtn": RTNConfig, "gptq": GPTQConfig}
+@dataclass(frozen=True)
+class GANQConfig(QuantConfig):
+    """GANQ (Zhao & Yuan, ICML 2025): a lookup table of 2^bits values per output row, fitted to
+    calibration data by alternating a closed-form table update and back-substitution code
+    assignment (`qcompile.methods.ganq`). Served by `qcompile::lut_mm` (LUT-mpGEMM).
+
+    Applied by ``qcompile.quantize(model, GANQConfig(...), calibration=...)`` (calibration may be
+    omitted: qcompile's default text is used), with the same block-by-block calibration as GPTQ;
+    layers that read one input (q/k/v, gate/up) are fitted in one batched call.
+
+    Attributes:
+        bits: 3 or 4 (codes stored as 4-bit nibbles in memory, packed densely in files).
+        iters: alternating rounds (the paper's K); the lowest-error iterate is kept.
+        damp_percent: added to H's diagonal, as a fraction of its mean, before the Cholesky
+            factorisation of the S-step (raised ×10 if H is still not positive definite).
+        table_dtype: dtype of the tables (torch.float16 or torch.bfloat16).
+        outlier_fraction: GANQ*'s sparse float part (e.g. 0.005). Not implemented yet: values
+            above 0 raise NotImplementedError, since no kernel serves the sparse part.
+        true_sequential, nsamples, seqlen, batch_size: as in `GPTQConfig`.
+    """
+
+    bits: int = 4
+    iters: int = 10
+    damp_percent: float = 0.01
+    table_dtype: torch.dtype = torch.float16
+    outlier_fraction: float = 0.0
+    true_sequential: bool = True
+    nsamples: int = 32
+    seqlen: int = 512
+    batch_size: int = 8
+
+    method = "ganq"
+    needs_calibration = True
+
+    def validate(self) -> None:
+        super().validate()
+        name = type(self).__name__
+        if self.bits not in (3, 4):
+            raise ValueError(f"{name}(bits={self.bits}) is not supported: use 3 or 4")
+        if not isinstance(self.iters, int) or isinstance(self.iters, bool) or self.iters < 0:
+            raise ValueError(f"{name}(iters={self.iters!r}): must be a non-negative integer")
+        if not 0 < self.damp_percent < 1:
+            raise ValueError(f"{name}(damp_percent={self.damp_percent}): use a fraction of the mean "
+                             "Hessian diagonal in (0, 1), e.g. 0.01")
+        if self.table_dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"{name}(table_dtype={self.table_dtype}): use torch.float16 or torch.bfloat16")
+        if self.outlier_fraction:
+            raise NotImplementedError(
+                f"{name}(outlier_fraction={self.outlier_fraction}): the outlier variant GANQ* is not "
+                "implemented (no kernel serves a sparse float part yet); use outlier_fraction=0")
+        for field in ("nsamples", "seqlen", "batch_size"):
+            v = getattr(self, field)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name}({field}={v!r}): must be a positive integer")
+        if not isinstance(self.true_sequential, bool):
+            raise ValueError(f"{name}(true_sequential={self.true_sequential!r}): must be True or False")
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        d["table_dtype"] = str(self.table_dtype).removeprefix("torch.")
+        return d
+
+
+CONFIGS: dict[str, type[QuantConfig]] = {"rtn": RTNConfig, "gptq": GPTQConfig, "ganq": GANQConfig}
 
 
 def default_config() -> QuantConfig:

@@ -151,3 +151,69 @@ def test_cpu_lut_kernel_matches_float64(bits, m, dtype):
     tol = (k * 2.0**-24) * (x.double().abs() @ w64.abs().t()) + u * ref.abs() + 1e-300
     assert y.dtype == dtype and y.shape == (2, m, n)
     assert ((y.double() - ref).abs() <= tol).all()
+
+
+# --- through qcompile.quantize -----------------------------------------------------------------------
+def test_quantize_with_ganq_config_compiles_saves_and_reports_tables(tmp_path):
+    import copy
+
+    import qcompile
+    from qcompile import GANQConfig
+    from qcompile.calibration import collect_hessians, capture_block_inputs, _batches
+    from tests.conftest import tiny_llama
+    from tests.test_gptq import calibration_ids, dequantized_copy
+
+    model = tiny_llama()
+    float_model = copy.deepcopy(model)
+    ids = calibration_ids()
+    # the first block's q/k/v Hessian on the float model: what GANQ fits q/k/v to
+    inputs = capture_block_inputs(float_model, float_model.model.layers[0], _batches(list(ids), 8))
+    attn = float_model.model.layers[0].self_attn
+    h = collect_hessians(float_model.model.layers[0], {"q": attn.q_proj}, inputs)["q"].h.double()
+
+    qcompile.quantize(model, GANQConfig(bits=4, iters=4), calibration=ids, progress=False)
+    lins = {x.path: x for x in model.qcompile_report.linears}
+    q = "model.layers.0.self_attn.q_proj"
+    assert all(x.op == "qcompile::lut_mm" for p, x in lins.items() if p.startswith("model.layers."))
+    assert lins[q].reason == "4-bit lookup table per row (16 float16 entries), ganq, damp 0.01"
+    rows = attn.q_proj.weight.shape[0]
+    assert f"table {rows * 16 * 2} bytes (16 entries x {rows} rows)" in lins[q].notes
+    assert lins["lm_head"].op == "qcompile::int8_mm"
+    # q/k/v were fitted together on their shared input: GANQ's fit beats each row's k-means table
+    w = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).double()
+    got = torch.cat([qcompile.lowering.unpack(m.packed_weight()).dequantize(torch.float64)
+                     for m in (model.model.layers[0].self_attn.q_proj, model.model.layers[0].self_attn.k_proj,
+                               model.model.layers[0].self_attn.v_proj)])
+    kmeans = ganq.nearest_table_quantize(w.float(), 4).dequantize(torch.float64)
+    assert ganq.output_error(w, got, h).sum() < 0.8 * ganq.output_error(w, kmeans, h).sum()
+
+    ref = dequantized_copy(float_model, model)
+    x = torch.randint(0, 256, (2, 24))
+    with torch.no_grad():
+        expect = ref(x).logits
+        compiled = torch.compile(model, backend=qcompile)(x).logits
+    assert (compiled - expect).abs().max() <= 1e-3 * expect.abs().max()
+    qcompile.save(model, tmp_path / "ck")
+    fresh = tiny_llama(seed=1)
+    qcompile.load(fresh, tmp_path / "ck")
+    with torch.no_grad():
+        assert torch.equal(fresh(x).logits, model(x).logits)
+    text = str(qcompile.explain(model, x))
+    assert "lookup table per row" in text and f"table {rows * 32} bytes" in text
+
+
+def test_ganq_config_rejects_bad_values_and_the_unimplemented_outlier_variant():
+    import qcompile
+    from qcompile import GANQConfig
+    from tests.conftest import tiny_llama
+
+    for kwargs, match in (({"bits": 2}, "bits=2"), ({"iters": -1}, "iters"), ({"damp_percent": 0}, "damp"),
+                          ({"table_dtype": torch.float32}, "table_dtype")):
+        with pytest.raises(ValueError, match=match):
+            qcompile.quantize(tiny_llama(), GANQConfig(**kwargs), calibration=torch.randint(0, 256, (2, 8)))
+    with pytest.raises(NotImplementedError, match="GANQ\\*"):
+        qcompile.quantize(tiny_llama(), GANQConfig(outlier_fraction=0.005), calibration=torch.randint(0, 256, (2, 8)))
+    cfg = GANQConfig(bits=3, iters=5, table_dtype=torch.bfloat16)
+    assert qcompile.QuantConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="calibration"):
+        qcompile.backend(GANQConfig())  # the backend sees no data: quantize first

@@ -301,6 +301,27 @@ def test_true_sequential_quantizes_groups_in_order_on_quantized_inputs(monkeypat
     assert not torch.allclose(hs[mlp1 + "down_proj"], hs_all[mlp1 + "down_proj"])
 
 
+def test_replaying_finished_submodules_changes_nothing_but_the_work(monkeypatch):
+    """Attention outputs recorded once its linears are quantized give the same model as recomputing."""
+    def run(replay: bool):
+        if not replay:
+            monkeypatch.setattr(calib.SubmoduleReplay, "update", lambda self, done: None)
+        model = tiny_llama()
+        calls = []
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.register_forward_pre_hook(lambda m, a: calls.append(1))
+        qcompile.quantize(model, GPTQConfig(group_size=32), calibration=calibration_ids(), progress=False)
+        monkeypatch.undo()
+        assert all("forward" not in vars(m) for m in model.modules())  # replay is gone afterwards
+        return model, len(calls)
+
+    replayed, n_replayed = run(True)
+    recomputed, n_recomputed = run(False)
+    assert n_replayed < n_recomputed
+    for (path, a), (_, b) in zip(replayed.state_dict().items(), recomputed.state_dict().items()):
+        assert torch.equal(a, b), path
+
+
 def test_gpt2_blocks_and_conv1d_layers():
     model = tiny_gpt2()
     float_model = copy.deepcopy(model)
@@ -352,6 +373,7 @@ def test_ctrl_c_leaves_done_layers_quantized_and_the_rest_float(monkeypatch):
     assert quantized == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj",
                          "model.layers.0.self_attn.v_proj", "model.layers.0.self_attn.o_proj"]
     assert isinstance(model.model.layers[0].mlp.gate_proj, torch.nn.Linear)
+    assert all("forward" not in vars(m) for m in model.modules())  # no recorded attention replays
     report = {x.path: x for x in model.qcompile_report.linears}
     assert report["model.layers.0.self_attn.o_proj"].op
     assert report["lm_head"].op is None and "stopped" in report["lm_head"].reason

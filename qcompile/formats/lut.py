@@ -69,6 +69,12 @@ class LutWeight:
             w = w.index_put((rows.long(), cols.long()), vals.to(dtype), accumulate=True)
         return w
 
+    def rows(self, start: int, end: int) -> "LutWeight":
+        """Output rows start..end-1 (a layer's share of a fit done on stacked layers)."""
+        if self.outliers is not None:
+            raise ValueError("cannot slice the rows of a lookup-table weight with outliers")
+        return LutWeight(self.codes[start:end].contiguous(), self.tables[start:end].contiguous(), self.bits)
+
     @staticmethod
     def cat(weights: list["LutWeight"]) -> "LutWeight":
         bits = {w.bits for w in weights}

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .. import lowering
-from ..config import GPTQConfig, QuantConfig, RTNConfig, choose_group_size, is_output_head
+from ..config import GANQConfig, GPTQConfig, QuantConfig, RTNConfig, choose_group_size, is_output_head
 from ..formats import Int4Weight, Int8Weight
 from . import rtn
 
@@ -24,7 +24,7 @@ class LinearPlan:
     path: str
     in_features: int
     out_features: int
-    format: str | None = None         # "int4", "int8", or None: stays float
+    format: str | None = None         # "int4", "int8", "lut", or None: stays float
     group_size: int | None = None
     reason: str = ""                  # why it stays float, or what quantizes it
     notes: list[str] = field(default_factory=list)
@@ -60,6 +60,8 @@ def plan_linear(config: QuantConfig, path: str, weight: Tensor, device: torch.de
     head_int8 = is_output_head(path) and config.lm_head_bits == 8
     if head_int8:
         fmt, group = "int8", None
+    elif isinstance(config, GANQConfig):  # one table per output row: no groups
+        fmt, group = "lut", None
     else:
         fmt = "int8" if getattr(config, "bits", 4) == 8 else "int4"
         group, note = choose_group_size(getattr(config, "group_size", 64), k)
@@ -78,6 +80,9 @@ def plan_linear(config: QuantConfig, path: str, weight: Tensor, device: torch.de
 
 
 def describe(config: QuantConfig, fmt: str, group: int | None, in_features: int) -> str:
+    if isinstance(config, GANQConfig):
+        return (f"{config.bits}-bit lookup table per row ({2**config.bits} "
+                f"{str(config.table_dtype).removeprefix('torch.')} entries), ganq")
     if isinstance(config, GPTQConfig):
         g = "per channel" if group == in_features and config.group_size is None else f"g{group}"
         order = ", act_order" + (" (static groups)" if config.static_groups and config.group_size else "")

@@ -152,3 +152,11 @@ def ganq_quantize(weight: Tensor, hessian: Tensor, bits: int = 4, iters: int = 1
     _, tables, codes = best
     lut = LutWeight(pack_nibbles(codes), tables.to(table_dtype), bits)
     return GANQResult(lut, errors, used_damp)
+
+
+def nearest_table_quantize(weight: Tensor, bits: int = 4, table_dtype: torch.dtype = torch.float16) -> LutWeight:
+    """Data-free baseline on the same format: each row's k-means table (uniform importance) and
+    nearest codes. What layers outside the calibrated blocks get under a GANQ config."""
+    w = weight.detach().to(torch.float32)
+    tables = initial_tables(w, torch.ones(w.shape[1], device=w.device), 2**bits)
+    return LutWeight(pack_nibbles(nearest(w, tables)), tables.to(table_dtype), bits)

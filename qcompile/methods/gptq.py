@@ -137,7 +137,8 @@ def fit_grid(w: Tensor, bits: int, sym: bool, *, clip_search: bool = False,
             s, z = grid(p[:, None, None] * lo, p[:, None, None] * hi)            # [P, R, 1]
             # |s (clamp(round(w/s) + z) - z) - w|^2.4 = s^2.4 |clamp(round(u), -z, maxq - z) - u|^2.4, u = w/s
             u = w / s                                                             # [P, R, C]
-            e = torch.round(u).clamp_(-z, maxq - z).sub_(u).abs_().pow_(CLIP_NORM)
+            e = torch.round(u).clamp_(-z, maxq - z).sub_(u).abs_()
+            e = e.log_().mul_(CLIP_NORM).exp_()  # e^2.4: twice as fast as pow_ on CPU (0 stays 0)
             err, i = (e.sum(dim=2, keepdim=True) * s.pow(CLIP_NORM)).min(dim=0)
             s, z = s.gather(0, i[None]).squeeze(0), z.gather(0, i[None]).squeeze(0)  # first minimum
             better = err < best
