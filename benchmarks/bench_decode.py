@@ -2,13 +2,14 @@
 
     python benchmarks/bench_decode.py [--tokens 64] [--repeats 5] [--model smollm2]
     python benchmarks/bench_decode.py --arch llama-1b     # random weights, no files needed (GPU)
+    python benchmarks/bench_decode.py --checkpoint DIR ... # also models saved by qcompile.save
 
 Every variant runs in this one process on a fresh copy of the model, so the ratios compare like
 with like (timings on a shared 2-core machine drift; compare ratios from one run). Per variant:
   first token  time of the first generate(max_new_tokens=1): quantization + compile of the prefill graph
   warm-up      the next generate of --tokens tokens (compiles the decode graphs)
   tok/s        --tokens / median time of --repeats generates after that
-Writes benchmarks/results/decode_<device>[_<arch>].md and .json. torchao runs when it is installed.
+Writes benchmarks/results/decode_<device>[_<arch>][_<name>].md and .json. torchao runs when it is installed.
 --arch builds a named architecture with random weights (speed does not depend on the values; the
 text column is then meaningless) for machines without the model files, such as the GPU machine.
 Float baselines run in float32 on CPU and bfloat16 on CUDA (--dtype overrides).
@@ -110,10 +111,18 @@ def variants(args, device):
         qcompile.quantize(m, progress=False)
         return torch.compile(m, backend=qcompile)
 
+    def checkpoint(path):
+        def load():
+            m = fresh()
+            qcompile.load(m, path)
+            return torch.compile(m, backend=qcompile)
+        return load
+
     fname = str(args.dtype).removeprefix("torch.")
     out = [(f"{fname} eager", fresh), (f"{fname} Inductor", inductor),
            ("qcompile (backend=qcompile)", qcompile_backend),
            ("qcompile (quantize + compile)", qcompile_ahead)]
+    out += [(f"qcompile checkpoint {Path(c).name}", checkpoint(c)) for c in args.checkpoint or ()]
     try:
         from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
         from torchao.quantization import quantize_
@@ -140,6 +149,9 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--only", nargs="*", help="run only variants whose name contains one of these")
     p.add_argument("--warm-cache", action="store_true", help="keep Inductor's on-disk caches")
+    p.add_argument("--checkpoint", nargs="*", help="folders saved by qcompile.save (e.g. by bench_methods.py "
+                   "--save): each is loaded into a fresh model and compiled with backend=qcompile")
+    p.add_argument("--name", help="suffix of the results file (decode_<device>_<name>.md)")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args.dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
@@ -165,7 +177,7 @@ def main():
     table = "\n".join(lines)
     print("\n" + table)
     RESULTS.mkdir(exist_ok=True)
-    stem = f"decode_{device.type}" + (f"_{args.arch}" if args.arch else "")
+    stem = f"decode_{device.type}" + (f"_{args.arch}" if args.arch else "") + (f"_{args.name}" if args.name else "")
     (RESULTS / f"{stem}.md").write_text(table + "\n")
     (RESULTS / f"{stem}.json").write_text(json.dumps(rows, indent=1))
 

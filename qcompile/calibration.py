@@ -1,5 +1,5 @@
-"""Calibration for methods that learn from data (GPTQ): the calibration token windows, and the
-sequential pass that quantizes a decoder model one block at a time.
+"""Calibration for methods that learn from data (GPTQ, GANQ): the calibration token windows, and
+the sequential pass that quantizes a decoder model one block at a time.
 
 Each block is calibrated on the outputs of the blocks before it, already quantized, as in the
 GPTQ reference: capture what the first block receives (hidden states and the keyword arguments
@@ -7,13 +7,15 @@ the model passes, e.g. the rotary ``position_embeddings`` of transformers 5), th
 collect the Hessians of one group of its linears (those reading one input: q/k/v), quantize them,
 re-run the block for the next group's inputs (true-sequential), run the quantized block to make
 the next block's inputs, and swap in `QuantLinear`s. Peak memory: the calibration activations of
-one block plus the Hessians of one group of layers.
+one block (including the recorded inputs of `SubmoduleReplay`) plus the Hessians of one group of
+layers. `fit_layers` is the only method-specific step.
 
 Ctrl-C at any point leaves a consistent model: the layers done so far are `QuantLinear`s, the rest
 float, and ``model.qcompile_report`` says which is which.
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -324,6 +326,58 @@ class SubmoduleReplay:
         self.hooks, self.replaying, self.inputs = [], [], {}
 
 
+def collect_float_targets(float_block: nn.Module, block: nn.Module, names: list[str], float_inputs: list[BlockInput],
+                          inputs) -> tuple[dict[str, gptq.Hessian], dict[str, Tensor]]:
+    """`collect_hessians` for the quantized stream `inputs`, plus {layer: C}, C the running mean of
+    2·x_float x_quantᵀ: the input a layer gets in the float model (`float_block` on `float_inputs`)
+    against the one it gets in the model being quantized, on the same tokens."""
+    hessians: dict[str, gptq.Hessian] = {}
+    cross: dict[str, Tensor] = {}
+
+    def grab(module_block, inp):
+        seen: dict[str, Tensor] = {}
+
+        def add(name, x):
+            seen.setdefault(name, x)
+            if len(seen) == len(names):
+                raise _Stop
+
+        hooks = _hook_inputs({n: module_block.get_submodule(n) for n in names}, add)
+        try:
+            run_block(module_block, inp)
+        except _Stop:
+            pass
+        finally:
+            for h in hooks:
+                h.remove()
+        return seen
+
+    for inp, finp in zip(inputs, float_inputs):
+        xq, xf = grab(block, inp), grab(float_block, finp)
+        first: dict[int, str] = {}  # layers reading one tensor share one Hessian and one C
+        for n in names:
+            owner = first.setdefault(id(xq[n]), n)
+            if owner != n:
+                hessians[n], cross[n] = hessians[owner], cross[owner]
+                continue
+            h = hessians.setdefault(n, gptq.Hessian(xq[n].shape[-1], xq[n].device))
+            q, f = (t.reshape(-1, t.shape[-1]).float() for t in (xq[n], xf[n]))
+            c = cross.setdefault(n, torch.zeros_like(h.h))
+            c.mul_(h.tokens / (h.tokens + q.shape[0])).addmm_(f.t(), q, alpha=2 / (h.tokens + q.shape[0]))
+            h.add(q)
+    return hessians, cross
+
+
+def refit_to_float_outputs(w: Tensor, cross: Tensor, h: Tensor, damp_percent: float) -> Tensor:
+    """argmin_W* ||W X_float − W* X_quant||² + λ||W* − W||² = W + W (C − H)(H + λI)⁻¹, with λ
+    GPTQ's damping (the ridge pulls toward W, so W* = W when the inputs agree). Up to the ridge,
+    quantizing W* against H then minimises the error to the float outputs (orthogonality)."""
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    damped = h + damp_percent * h.diagonal().mean() * eye
+    wf = w.detach().to(h.dtype)
+    return (wf + torch.linalg.solve(damped, (cross - h).t() @ wf.t()).t()).to(w.dtype)
+
+
 # --- the sequential pass ---------------------------------------------------------------------------
 def _gptq_note(inv: gptq.InverseHessian) -> list[str]:
     notes = []
@@ -379,8 +433,8 @@ def fit_layers(config: GPTQConfig | GANQConfig, h: Tensor, weights: list[Tensor]
 @torch.no_grad()
 def quantize_with_calibration(model: nn.Module, config: GPTQConfig | GANQConfig, calibration=None, *, tokenizer=None,
                               progress: bool = True) -> nn.Module:
-    """GPTQ over a decoder model, block by block (see the module docstring); `qcompile.quantize`
-    calls this for configs that need calibration. Layers outside the decoder blocks follow the
+    """GPTQ or GANQ over a decoder model, block by block (see the module docstring);
+    `qcompile.quantize` calls this for configs that need calibration. Layers outside the decoder blocks follow the
     config's rule (int8 lm_head by default). Ctrl-C leaves done layers quantized, the rest float."""
     if not isinstance(config, (GPTQConfig, GANQConfig)):
         raise TypeError(f"calibration-based quantization needs a GPTQConfig or GANQConfig, got {type(config).__name__}")
@@ -408,6 +462,8 @@ def quantize_with_calibration(model: nn.Module, config: GPTQConfig | GANQConfig,
     replay = None
     try:
         inputs = capture_block_inputs(model, blocks[0], batches)
+        float_targets = getattr(config, "float_targets", False)
+        float_inputs = [BlockInput(inp.hidden, inp.args, inp.kwargs) for inp in inputs] if float_targets else []
         order = None
         for i, block in enumerate(tqdm(blocks, desc=config.method, unit="block", disable=not progress)):
             prefix = f"{blocks_path}.{i}." if blocks_path else f"{i}."
@@ -420,6 +476,7 @@ def quantize_with_calibration(model: nn.Module, config: GPTQConfig | GANQConfig,
                 order = sequential_groups(block, {n: m for n, (m, _) in lins.items()}, inputs[0])
                 tails = replayable_children(block, lins, inputs[0])
             groups = order if config.true_sequential else [[n for g in order for n in g]]
+            float_block = copy.deepcopy(block) if float_targets else None  # before any layer changes
             replay = SubmoduleReplay(block, lins, tails)
             done = {n for n, plan in plans.items() if not plan.quantized}
             for group in groups:
@@ -428,9 +485,17 @@ def quantize_with_calibration(model: nn.Module, config: GPTQConfig | GANQConfig,
                 done.update(group)
                 if not names:
                     continue
-                hessians = collect_hessians(block, {n: lins[n][0] for n in names}, replay.passes(inputs))
+                if float_targets:
+                    hessians, cross = collect_float_targets(float_block, block, names, float_inputs,
+                                                            replay.passes(inputs))
+                else:
+                    hessians, cross = collect_hessians(block, {n: lins[n][0] for n in names}, replay.passes(inputs)), {}
                 for members in _sharing(hessians, names):
                     weights = [lins[n][1] for n in members]
+                    for n, w in zip(members, weights):
+                        if n in cross:
+                            w.copy_(refit_to_float_outputs(w, cross[n], hessians[n].h, config.damp_percent))
+                            plans[n].notes.append("fitted to the float model's outputs (float_targets)")
                     results = fit_layers(config, hessians[members[0]].h, weights, [plans[n] for n in members],
                                          prefix + members[0])
                     for n, w, (dequantized, fmt) in zip(members, weights, results):
@@ -439,14 +504,16 @@ def quantize_with_calibration(model: nn.Module, config: GPTQConfig | GANQConfig,
                         # input gather); the next groups' inputs and the next block's come from it.
                         w.copy_(dequantized)
                         pending.append((prefix + n, lins[n][0], fmt, plans[n]))
-                del hessians
+                del hessians, cross
             replay.update(done)
             for inp in replay.passes(inputs):  # the quantized block makes the next block's inputs
                 inp.hidden = run_block(block, inp)
             replay.close()
+            for inp in float_inputs if float_targets else ():
+                inp.hidden = run_block(float_block, inp)
             del lins
             flush()
-        del inputs
+        del inputs, float_inputs
         for path, mod, w in linear_modules(model):  # outside the decoder blocks (lm_head)
             if path in entries or path.startswith(f"{blocks_path}."):
                 continue

@@ -153,6 +153,11 @@ class GPTQConfig(QuantConfig):
             are used as given). 32 x 512 tokens (with damping 0.3; 16 windows with 0.1 measured
             23.90); time grows with the count (SmolLM2-135M: about 4.5 minutes on 2 CPU cores).
         batch_size: calibration windows per forward pass (memory only).
+        float_targets: fit each layer to the float model's outputs instead of its own on the
+            quantized model's inputs (asymmetric calibration, as in GPTAQ / GPTQModel v2): before
+            GPTQ, W becomes W* = W C H⁻¹ (C = E[x_float x_quantᵀ]), the least-squares fix for the
+            error the quantized layers before it left in its input. Costs a float copy of each
+            block run beside it (about 1.6x the time).
     """
 
     bits: int = 4
@@ -167,6 +172,7 @@ class GPTQConfig(QuantConfig):
     nsamples: int = 32
     seqlen: int = 512
     batch_size: int = 8
+    float_targets: bool = False
 
     method = "gptq"
     needs_calibration = True
@@ -186,7 +192,7 @@ class GPTQConfig(QuantConfig):
             v = getattr(self, field)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name}({field}={v!r}): must be a positive integer")
-        for field in ("sym", "act_order", "static_groups", "clip_search", "true_sequential"):
+        for field in ("sym", "act_order", "static_groups", "clip_search", "true_sequential", "float_targets"):
             if not isinstance(getattr(self, field), bool):
                 raise ValueError(f"{name}({field}={getattr(self, field)!r}): must be True or False")
 

@@ -153,6 +153,20 @@ def test_cpu_lut_kernel_matches_float64(bits, m, dtype):
     assert ((y.double() - ref).abs() <= tol).all()
 
 
+def test_incremental_code_sums_equal_the_full_product():
+    g = torch.Generator().manual_seed(3)
+    m, n, levels = 7, 40, 8
+    x = torch.randn(n, 3 * n, generator=g, dtype=torch.float64)
+    h = x @ x.t()
+    old = torch.randint(0, levels, (m, n), generator=g)
+    new = torch.where(torch.rand(m, n, generator=g) < 0.2, torch.randint(0, levels, (m, n), generator=g), old)
+    onehot = torch.nn.functional.one_hot(new, levels).permute(0, 2, 1).double()   # [m, L, n]
+    expect = onehot @ h
+    assert torch.allclose(ganq.code_sums(h, new, levels), expect, rtol=0, atol=1e-10)
+    got = ganq.code_sums(h, new, levels, (ganq.code_sums(h, old, levels), old), chunk=5)
+    assert torch.allclose(got, expect, rtol=0, atol=1e-10)
+
+
 # --- through qcompile.quantize -----------------------------------------------------------------------
 def test_quantize_with_ganq_config_compiles_saves_and_reports_tables(tmp_path):
     import copy

@@ -322,6 +322,40 @@ def test_replaying_finished_submodules_changes_nothing_but_the_work(monkeypatch)
         assert torch.equal(a, b), path
 
 
+def test_refit_to_float_outputs_is_the_ridge_least_squares_solution():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 10, generator=g, dtype=torch.float64)
+    xq = torch.randn(10, 200, generator=g, dtype=torch.float64)
+    xf = xq + 0.1 * torch.randn(10, 200, generator=g, dtype=torch.float64)
+    h, c = 2 * xq @ xq.t() / 200, 2 * xf @ xq.t() / 200
+    lam = 0.05 * h.diagonal().mean()
+    # argmin ||W Xf - V Xq||^2 + lam' ||V - W||^2 as one stacked least-squares problem
+    scale = (lam * 200 / 2).sqrt()
+    a = torch.cat([xq.t(), scale * torch.eye(10, dtype=torch.float64)])
+    b = torch.cat([xf.t() @ w.t(), scale * w.t()])
+    expect = torch.linalg.lstsq(a, b).solution.t()
+    assert torch.allclose(calib.refit_to_float_outputs(w, c, h, 0.05), expect, atol=1e-10)
+    assert torch.allclose(calib.refit_to_float_outputs(w, h, h, 0.05), w, atol=1e-12)  # inputs agree: W
+
+
+def test_float_targets_bring_the_quantized_model_closer_to_the_float_one():
+    ids = calibration_ids(n=64)
+    test = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = tiny_llama()(test).logits
+    errors = {}
+    for float_targets in (False, True):
+        model = tiny_llama()
+        qcompile.quantize(model, GPTQConfig(bits=3, group_size=None, sym=False, float_targets=float_targets),
+                          calibration=ids, progress=False)
+        with torch.no_grad():
+            errors[float_targets] = ((model(test).logits - ref).norm() / ref.norm()).item()
+        notes = {x.path: x.notes for x in model.qcompile_report.linears}
+        assert ("fitted to the float model's outputs (float_targets)" in notes["model.layers.1.mlp.down_proj"]) \
+            == float_targets
+    assert errors[True] < 0.85 * errors[False]
+
+
 def test_gpt2_blocks_and_conv1d_layers():
     model = tiny_gpt2()
     float_model = copy.deepcopy(model)

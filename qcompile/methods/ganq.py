@@ -74,14 +74,40 @@ def nearest(values: Tensor, tables: Tensor) -> Tensor:
     return torch.searchsorted(midpoints.contiguous(), values.contiguous())
 
 
-def update_tables(w: Tensor, h: Tensor, codes: Tensor, tables: Tensor, wh: Tensor) -> Tensor:
-    """T-step: T_i = W_i H S_i^T (S_i H S_i^T)^-1 for every row. Unused entries keep their value
-    (a tiny proximal term makes the 2^b x 2^b systems non-singular without moving used entries)."""
+def code_sums(h: Tensor, codes: Tensor, levels: int, previous: tuple[Tensor, Tensor] | None = None,
+              chunk: int = 1 << 14) -> Tensor:
+    """S_i H for every row i: [m, levels, n], the sum of H's rows j over the columns j that row i
+    maps to each code. From scratch it is an [m·levels, n] x [n, n] product; given `previous` =
+    (its sums, the codes they were made with), only the codes that changed move their H row from
+    one entry to another. The S-step changes a few percent of the codes per iteration, so this
+    costs a few percent of the product (the T-step's cost on CPU)."""
+    m, n = codes.shape
+    if previous is None:
+        onehot = torch.zeros(m, levels, n, dtype=h.dtype, device=h.device)
+        onehot.scatter_(1, codes[:, None, :], 1.0)
+        return (onehot.reshape(m * levels, n) @ h).reshape(m, levels, n)
+    sums, old = previous
+    flat = sums.reshape(m * levels, n)
+    rows, cols = (codes != old).nonzero(as_tuple=True)
+    for r, c in zip(rows.split(chunk), cols.split(chunk)):
+        src = h.index_select(0, c)
+        flat.index_add_(0, r * levels + codes[r, c], src)
+        flat.index_add_(0, r * levels + old[r, c], src, alpha=-1)
+    return sums
+
+
+def update_tables(w: Tensor, h: Tensor, codes: Tensor, tables: Tensor, wh: Tensor,
+                  sums: Tensor | None = None) -> Tensor:
+    """T-step: T_i = W_i H S_i^T (S_i H S_i^T)^-1 for every row (`sums` = S H from `code_sums`, made
+    here if not given). Unused entries keep their value (a tiny proximal term makes the
+    2^b x 2^b systems non-singular without moving used entries)."""
     m, n = w.shape
     levels = tables.shape[1]
+    if sums is None:
+        sums = code_sums(h, codes, levels)
     onehot = torch.zeros(m, levels, n, dtype=w.dtype, device=w.device)
     onehot.scatter_(1, codes[:, None, :], 1.0)
-    gram = torch.bmm(onehot @ h, onehot.transpose(1, 2))            # S H S^T   [m, L, L]
+    gram = torch.bmm(sums, onehot.transpose(1, 2))                   # S H S^T   [m, L, L]
     rhs = torch.zeros(m, levels, dtype=w.dtype, device=w.device).scatter_add_(1, codes, wh)  # W H S^T
     ridge = 1e-7 * gram.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-30)[:, None]
     gram = gram + torch.diag_embed(ridge.expand(m, levels))
@@ -141,10 +167,14 @@ def ganq_quantize(weight: Tensor, hessian: Tensor, bits: int = 4, iters: int = 1
     codes = nearest(w, tables)
     best = (output_error(w, tables.gather(1, codes), h_damped).sum().item(), tables, codes)
     errors = [best[0]]
+    sums = None  # S H of the last iteration's codes, kept up to date incrementally
     for _ in range(iters):
-        codes = assign_codes(w, tables, lower, block)
-        tables, order = update_tables(w, h_damped, codes, tables, wh).sort(dim=1)
+        new_codes = assign_codes(w, tables, lower, block)
+        sums = code_sums(h_damped, new_codes, levels, None if sums is None else (sums, codes))
+        codes = new_codes
+        tables, order = update_tables(w, h_damped, codes, tables, wh, sums).sort(dim=1)
         codes = order.argsort(dim=1).gather(1, codes)
+        sums = sums.gather(1, order[:, :, None].expand_as(sums))  # entries follow the sorted tables
         err = output_error(w, tables.gather(1, codes), h_damped).sum().item()
         errors.append(err)
         if err < best[0]:

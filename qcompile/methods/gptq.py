@@ -285,6 +285,8 @@ def _int8_weight(codes: Tensor, scales: Tensor, zeros: Tensor, group_size: int, 
     """8-bit codes 0..255 as int8 (codes − 128, zero-points shifted alike): w = s·(qweight − zeros)."""
     require_format(8)
     per_channel = group_size == codes.shape[1]
+    if per_channel:  # Int8Weight keeps one scale per row as a vector
+        scales, zeros = scales[:, 0], zeros[:, 0]
     return Int8Weight(qweight=(codes - 128).to(torch.int8), scales=scales, zeros=zeros - 128,
                       group_size=None if per_channel else group_size, perm=perm)
 
