@@ -122,7 +122,9 @@ def main() -> None:
     results = []
     first = {n: i for i, n in enumerate(ORDER)}  # the rows with floors run first
     for name, apply, note in sorted(rows(), key=lambda r: first.get(r[0], len(ORDER))):
-        if args.only and name != "float32" and not any(s in name for s in args.only):
+        # an --only that names a row exactly selects that row alone, others match as substrings
+        names = {r[0] for r in rows()}
+        if args.only and name != "float32" and not any(s == name if s in names else s in name for s in args.only):
             continue
         model, _ = load_model()
         load = os.getloadavg()[0]
