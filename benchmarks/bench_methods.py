@@ -44,7 +44,9 @@ FLOORS = {  # row name -> the perplexity it must not exceed
 }
 ORDER = ["float32", "gptq w4 g64 act_order", "gptq w3 g64 act_order", "gptq w3 per-channel act_order",
          "ganq w4", "ganq w3"]
-TIME_LIMITS_S = {"gptq": 158.0, "ganq": 600.0}  # GPTQModel's time on this CPU; the issue's 10 minutes
+# quantize-time floors, on the rows they are about: GPTQModel's 158 s for 4-bit GPTQ on this CPU,
+# 10 minutes for GANQ (K=10); other rows' times are for information (many ran beside other jobs)
+TIME_LIMITS_S = {"gptq w4 g64 act_order": 158.0, "ganq w4": 600.0, "ganq w3": 600.0}
 
 
 def rtn_on_gptq_grid(model, bits: int, group_size: int | None):
@@ -192,7 +194,7 @@ def write(results: list[dict]) -> None:
             ok = row["ppl"] <= floor
             lines.append(f"- {name}: {row['ppl']:.2f} <= {floor} {'met' if ok else 'MISSED'}")
     for r in results:
-        limit = TIME_LIMITS_S.get(r["name"].split()[0])
+        limit = TIME_LIMITS_S.get(r["name"])
         if limit is not None:
             ok = r["quantize_s"] < limit
             lines.append(f"- quantize time {r['name']}: {r['quantize_s']:.1f} s < {limit} s "
