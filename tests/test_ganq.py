@@ -175,7 +175,7 @@ def test_quantize_with_ganq_config_compiles_saves_and_reports_tables(tmp_path):
     from qcompile import GANQConfig
     from qcompile.calibration import collect_hessians, capture_block_inputs, _batches
     from tests.conftest import tiny_llama
-    from tests.test_gptq import calibration_ids, dequantized_copy
+    from tests.test_gptq import calibration_ids, compiles_like_dequantized_and_round_trips
 
     model = tiny_llama()
     float_model = copy.deepcopy(model)
@@ -201,17 +201,8 @@ def test_quantize_with_ganq_config_compiles_saves_and_reports_tables(tmp_path):
     kmeans = ganq.nearest_table_quantize(w.float(), 4).dequantize(torch.float64)
     assert ganq.output_error(w, got, h).sum() < 0.8 * ganq.output_error(w, kmeans, h).sum()
 
-    ref = dequantized_copy(float_model, model)
     x = torch.randint(0, 256, (2, 24))
-    with torch.no_grad():
-        expect = ref(x).logits
-        compiled = torch.compile(model, backend=qcompile)(x).logits
-    assert (compiled - expect).abs().max() <= 1e-3 * expect.abs().max()
-    qcompile.save(model, tmp_path / "ck")
-    fresh = tiny_llama(seed=1)
-    qcompile.load(fresh, tmp_path / "ck")
-    with torch.no_grad():
-        assert torch.equal(fresh(x).logits, model(x).logits)
+    compiles_like_dequantized_and_round_trips(model, float_model, x, tmp_path)
     text = str(qcompile.explain(model, x))
     assert "lookup table per row" in text and f"table {rows * 32} bytes" in text
 

@@ -247,8 +247,12 @@ def test_quantize_with_calibration_then_compile_equals_dequantized_float_model(t
     assert len(lins) == 15 and all(x.op for x in lins.values())
     assert lins["model.layers.1.mlp.down_proj"].reason == "4-bit g32 asym, gptq, act_order, clip search, damp 0.3"
     assert lins["lm_head"].op == "qcompile::int8_mm"
+    compiles_like_dequantized_and_round_trips(model, float_model, torch.randint(0, 256, (2, 24)), tmp_path)
+
+
+def compiles_like_dequantized_and_round_trips(model, float_model, ids, tmp_path):
+    """Compiled logits equal the dequantized float model's; save + load into a fresh model is exact."""
     ref = dequantized_copy(float_model, model)
-    ids = torch.randint(0, 256, (2, 24))
     with torch.no_grad():
         expect = ref(ids).logits
         compiled = torch.compile(model, backend=qcompile)(ids).logits
