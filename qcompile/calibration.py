@@ -209,36 +209,44 @@ def sequential_groups(block: nn.Module, mods: dict[str, nn.Module], inp: BlockIn
     return [g for _, g in seen]
 
 
-def collect_hessians(block: nn.Module, mods: dict[str, nn.Module], inputs) -> dict[str, gptq.Hessian]:
-    """Hessians of `mods`' inputs over every calibration batch. Layers that read the same tensor
-    share one Hessian object. Each forward stops as soon as every layer has been reached."""
-    hessians: dict[str, gptq.Hessian] = {}
+def layer_inputs(block: nn.Module, mods: dict[str, nn.Module], inp: BlockInput) -> dict[str, Tensor]:
+    """The tensor each of `mods` reads on one calibration batch, in forward order; the forward
+    stops as soon as every layer has been reached."""
     seen: dict[str, Tensor] = {}
 
     def add(name, x):
-        if name in seen:
-            return
-        for other, t in seen.items():
-            if t is x and other in hessians:
-                hessians.setdefault(name, hessians[other])
-                break
-        else:
-            hessians.setdefault(name, gptq.Hessian(x.shape[-1], x.device)).add(x)
-        seen[name] = x
+        seen.setdefault(name, x)
         if len(seen) == len(mods):
             raise _Stop
 
     hooks = _hook_inputs(mods, add)
     try:
-        for inp in inputs:
-            seen.clear()
-            try:
-                run_block(block, inp)
-            except _Stop:
-                pass
+        run_block(block, inp)
+    except _Stop:
+        pass
     finally:
         for h in hooks:
             h.remove()
+    return seen
+
+
+def _owners(xs: dict[str, Tensor]) -> dict[str, str]:
+    """{layer: the first layer reading the same tensor} (q/k/v share one input, so one Hessian)."""
+    first: dict[int, str] = {}
+    return {n: first.setdefault(id(x), n) for n, x in xs.items()}
+
+
+def collect_hessians(block: nn.Module, mods: dict[str, nn.Module], inputs) -> dict[str, gptq.Hessian]:
+    """Hessians of `mods`' inputs over every calibration batch. Layers that read the same tensor
+    share one Hessian object."""
+    hessians: dict[str, gptq.Hessian] = {}
+    for inp in inputs:
+        xs = layer_inputs(block, mods, inp)
+        for n, owner in _owners(xs).items():
+            if owner != n:
+                hessians.setdefault(n, hessians[owner])
+            else:
+                hessians.setdefault(n, gptq.Hessian(xs[n].shape[-1], xs[n].device)).add(xs[n])
     return hessians
 
 
@@ -333,30 +341,10 @@ def collect_float_targets(float_block: nn.Module, block: nn.Module, names: list[
     against the one it gets in the model being quantized, on the same tokens."""
     hessians: dict[str, gptq.Hessian] = {}
     cross: dict[str, Tensor] = {}
-
-    def grab(module_block, inp):
-        seen: dict[str, Tensor] = {}
-
-        def add(name, x):
-            seen.setdefault(name, x)
-            if len(seen) == len(names):
-                raise _Stop
-
-        hooks = _hook_inputs({n: module_block.get_submodule(n) for n in names}, add)
-        try:
-            run_block(module_block, inp)
-        except _Stop:
-            pass
-        finally:
-            for h in hooks:
-                h.remove()
-        return seen
-
     for inp, finp in zip(inputs, float_inputs):
-        xq, xf = grab(block, inp), grab(float_block, finp)
-        first: dict[int, str] = {}  # layers reading one tensor share one Hessian and one C
-        for n in names:
-            owner = first.setdefault(id(xq[n]), n)
+        xq = layer_inputs(block, {n: block.get_submodule(n) for n in names}, inp)
+        xf = layer_inputs(float_block, {n: float_block.get_submodule(n) for n in names}, finp)
+        for n, owner in _owners(xq).items():
             if owner != n:
                 hessians[n], cross[n] = hessians[owner], cross[owner]
                 continue

@@ -119,6 +119,21 @@ class RTNConfig(QuantConfig):
 GPTQ_BITS = (2, 3, 4, 8)
 
 
+def check_calibration_fields(config: QuantConfig, positive: tuple[str, ...], flags: tuple[str, ...]) -> None:
+    """The checks calibrated methods share: damp_percent in (0, 1), positive integers, booleans."""
+    name = type(config).__name__
+    if not 0 < config.damp_percent < 1:
+        raise ValueError(f"{name}(damp_percent={config.damp_percent}): use a fraction of the mean "
+                         "Hessian diagonal in (0, 1), e.g. 0.01")
+    for field in positive:
+        v = getattr(config, field)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name}({field}={v!r}): must be a positive integer")
+    for field in flags:
+        if not isinstance(getattr(config, field), bool):
+            raise ValueError(f"{name}({field}={getattr(config, field)!r}): must be True or False")
+
+
 @dataclass(frozen=True)
 class GPTQConfig(QuantConfig):
     """GPTQ (Frantar et al., 2023): error-compensating quantization from calibration data.
@@ -187,16 +202,9 @@ class GPTQConfig(QuantConfig):
         if self.group_size is not None and self.group_size not in INT4_GROUP_SIZES:
             raise ValueError(f"{name}(group_size={self.group_size}) is not supported: use one of "
                              f"{INT4_GROUP_SIZES} or None (per output channel)")
-        if not 0 < self.damp_percent < 1:
-            raise ValueError(f"{name}(damp_percent={self.damp_percent}): use a fraction of the mean "
-                             "Hessian diagonal in (0, 1), e.g. 0.01")
-        for field in ("block_size", "nsamples", "seqlen", "batch_size"):
-            v = getattr(self, field)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name}({field}={v!r}): must be a positive integer")
-        for field in ("sym", "act_order", "static_groups", "clip_search", "true_sequential", "float_targets"):
-            if not isinstance(getattr(self, field), bool):
-                raise ValueError(f"{name}({field}={getattr(self, field)!r}): must be True or False")
+        check_calibration_fields(self, ("block_size", "nsamples", "seqlen", "batch_size"),
+                                 ("sym", "act_order", "static_groups", "clip_search", "true_sequential",
+                                  "float_targets"))
 
 
 @dataclass(frozen=True)
@@ -241,22 +249,13 @@ class GANQConfig(QuantConfig):
             raise ValueError(f"{name}(bits={self.bits}) is not supported: use 3 or 4")
         if not isinstance(self.iters, int) or isinstance(self.iters, bool) or self.iters < 0:
             raise ValueError(f"{name}(iters={self.iters!r}): must be a non-negative integer")
-        if not 0 < self.damp_percent < 1:
-            raise ValueError(f"{name}(damp_percent={self.damp_percent}): use a fraction of the mean "
-                             "Hessian diagonal in (0, 1), e.g. 0.01")
+        check_calibration_fields(self, ("nsamples", "seqlen", "batch_size"), ("true_sequential", "float_targets"))
         if self.table_dtype not in (torch.float16, torch.bfloat16):
             raise ValueError(f"{name}(table_dtype={self.table_dtype}): use torch.float16 or torch.bfloat16")
         if self.outlier_fraction:
             raise NotImplementedError(
                 f"{name}(outlier_fraction={self.outlier_fraction}): the outlier variant GANQ* is not "
                 "implemented (no kernel serves a sparse float part yet); use outlier_fraction=0")
-        for field in ("nsamples", "seqlen", "batch_size"):
-            v = getattr(self, field)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name}({field}={v!r}): must be a positive integer")
-        for field in ("true_sequential", "float_targets"):
-            if not isinstance(getattr(self, field), bool):
-                raise ValueError(f"{name}({field}={getattr(self, field)!r}): must be True or False")
 
     def to_dict(self) -> dict:
         d = super().to_dict()
