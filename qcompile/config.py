@@ -135,7 +135,21 @@ def check_calibration_fields(config: QuantConfig, positive: tuple[str, ...], fla
 
 
 @dataclass(frozen=True)
-class GPTQConfig(QuantConfig):
+class CalibratedConfig(QuantConfig):
+    """Settings of the block-by-block calibration pass (`qcompile.calibration`) that GPTQ and
+    GANQ share; see `GPTQConfig` for what each one does."""
+
+    true_sequential: bool = True
+    nsamples: int = 32
+    seqlen: int = 512
+    batch_size: int = 8
+    float_targets: bool = False
+
+    needs_calibration = True
+
+
+@dataclass(frozen=True)
+class GPTQConfig(CalibratedConfig):
     """GPTQ (Frantar et al., 2023): error-compensating quantization from calibration data.
 
     Applied by ``qcompile.quantize(model, GPTQConfig(...), calibration=...)`` (calibration may be
@@ -185,14 +199,8 @@ class GPTQConfig(QuantConfig):
     damp_percent: float = 0.3
     block_size: int = 128
     clip_search: bool = True
-    true_sequential: bool = True
-    nsamples: int = 32
-    seqlen: int = 512
-    batch_size: int = 8
-    float_targets: bool = False
 
     method = "gptq"
-    needs_calibration = True
 
     def validate(self) -> None:
         super().validate()
@@ -208,7 +216,7 @@ class GPTQConfig(QuantConfig):
 
 
 @dataclass(frozen=True)
-class GANQConfig(QuantConfig):
+class GANQConfig(CalibratedConfig):
     """GANQ (Zhao & Yuan, ICML 2025): a lookup table of 2^bits values per output row, fitted to
     calibration data by alternating a closed-form table update and back-substitution code
     assignment (`qcompile.methods.ganq`). Served by `qcompile::lut_mm` (LUT-mpGEMM).
@@ -233,14 +241,8 @@ class GANQConfig(QuantConfig):
     damp_percent: float = 0.01
     table_dtype: torch.dtype = torch.float16
     outlier_fraction: float = 0.0
-    true_sequential: bool = True
-    nsamples: int = 32
-    seqlen: int = 512
-    batch_size: int = 8
-    float_targets: bool = False
 
     method = "ganq"
-    needs_calibration = True
 
     def validate(self) -> None:
         super().validate()
