@@ -6,6 +6,7 @@ stored [in, out]. Graphs at the aten level (export) use aten.linear/addmm/mm wit
 """
 from __future__ import annotations
 
+import itertools
 import operator
 import re
 from dataclasses import dataclass
@@ -57,9 +58,14 @@ def _weight_operand(node) -> tuple[fx.Node | None, bool]:
     return None, False
 
 
-def linear_sites(graph: fx.Graph) -> list[LinearSite]:
-    """Every matmul of an activation with a placeholder weight, in graph order."""
+def linear_sites(graph: fx.Graph, prefix: str = "") -> list[LinearSite]:
+    """Every matmul of an activation with a placeholder weight, in graph order (`prefix`: the
+    path of the graph's root module, see `root_prefix`)."""
     sites = []
+
+    def module_path(node, w):
+        return prefix + _module_path(node, w)
+
     for node in graph.nodes:
         if node.op != "call_function":
             continue
@@ -87,11 +93,22 @@ def _rank(node: fx.Node) -> int | None:
 
 
 _SOURCE_PART = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]|\['([^']+)'\]|\[(\d+)\]|\.(\w+)")
+# The expression Dynamo reached the root module by: a local or global, then subscripts, closure
+# cells or bound-method hops, up to the first attribute that names a child. The frame differs by
+# release and entry point: `L['self']` (forward, or `model.forward = torch.compile(model.forward)`),
+# `L['args'][0]` (transformers >= 5.25 wraps `forward` in `*args` decorators), `G['model']` (a
+# compiled function calling a global model), `L['model']` (a model passed as an argument).
+_ROOT = re.compile(r"^(?:[LG]\['[^']+'\]|\w+)(?:\[\d+\]|\['[^']+'\]|\.(?:cell_contents|__self__|__func__)|\.__closure__\[\d+\])*")
 
 
 def _clean_path(name: str) -> str:
-    """"L['self']._modules['model']._modules['layers']['0'].q_proj" -> "model.layers.0.q_proj"."""
-    head = re.match(r"^[LG]\['[^']+'\]", name)
+    """A Dynamo source or module-stack key as a module path relative to the root module.
+
+    "L['self']._modules['model']._modules['layers']._modules['0']._modules['q_proj']",
+    "L['args'][0].model.layers.0.q_proj" and "L['self'].model.layers[0].q_proj" all give
+    "model.layers.0.q_proj".
+    """
+    head = _ROOT.match(name)
     rest = name[head.end():] if head else name
     parts = [next(g for g in m.groups() if g is not None) for m in _SOURCE_PART.finditer(rest)]
     return ".".join(parts)
@@ -106,8 +123,12 @@ def source_name(node: fx.Node) -> str | None:
     return _compat.source_name(src)
 
 
-def module_path(node: fx.Node, weight: fx.Node | None = None) -> str:
-    """The module path of the layer a node belongs to."""
+def module_path(node: fx.Node, weight: fx.Node | None = None, prefix: str = "") -> str:
+    """The module path of the layer a node belongs to (`prefix`: see `root_prefix`)."""
+    return prefix + _module_path(node, weight)
+
+
+def _module_path(node: fx.Node, weight: fx.Node | None = None) -> str:
     stack = node.meta.get("nn_module_stack")
     if stack:
         key, _ = list(stack.values())[-1]
@@ -119,6 +140,30 @@ def module_path(node: fx.Node, weight: fx.Node | None = None) -> str:
             return path.rsplit(".", 1)[0] if path.endswith((".weight", ".bias")) else path
         return weight.name
     return node.name
+
+
+def root_prefix(graph: fx.Graph, values: dict) -> str:
+    """The path of the graph's root module inside the module the user compiled, with a final ".".
+
+    Usually "": the graph starts at the compiled module. After a graph break Dynamo compiles the
+    rest of an inner module's forward as its own graph (rooted at, say, `model.layers.3`): its
+    records then read "self_attn.q_proj". The compiled module is the outermost module whose frame
+    runs Dynamo-compiled code (or the one `torch.compile(module)` wrapped); a parameter of the
+    graph, found there by identity, gives the root's path.
+    """
+    top = _compat.compiled_calling_module()
+    if top is None:
+        return ""
+    names = {id(t): n for n, t in itertools.chain(top.named_parameters(remove_duplicate=False),
+                                                   top.named_buffers(remove_duplicate=False))}
+    for node in graph.nodes:
+        if node.op != "placeholder" or id(values.get(node)) not in names:
+            continue
+        full, src = names[id(values[node])], source_name(node)
+        rel = _clean_path(src) if src else None
+        if rel and (full == rel or full.endswith("." + rel)):
+            return full[: len(full) - len(rel)]
+    return ""
 
 
 def input_scale(x: fx.Node) -> fx.Node | None:

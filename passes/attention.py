@@ -28,6 +28,7 @@ from qcompile.report import AttentionReport
 
 from .analysis import module_path, shape_of
 from .context import PassContext
+from .dead_code import erase_unused
 
 aten = torch.ops.aten
 
@@ -443,8 +444,9 @@ def rewrite_attention(gm: fx.GraphModule, ctx: PassContext) -> str:
     candidates = [n for n in graph.nodes if _is_call(n, SDPA_TARGETS) or _is_call(n, SOFTMAX_TARGETS, ("softmax",))]
     rewritten = native = 0
     repeats: list[fx.Node] = []
+    replaced: list[fx.Node] = []
     for node in candidates:
-        path = module_path(node)
+        path = module_path(node, prefix=ctx.path_prefix)
         pattern = "sdpa" if _is_call(node, SDPA_TARGETS) else "eager matmul-softmax-matmul"
         try:
             site = _parse_sdpa(node) if pattern == "sdpa" else _parse_eager(node)
@@ -459,6 +461,7 @@ def rewrite_attention(gm: fx.GraphModule, ctx: PassContext) -> str:
         if reason is not None:
             continue
         _insert(graph, site)
+        replaced.append(site.output)
         record.op = str(GQA_ATTENTION.name())
         record.reason = _describe(site, hq, hkv)
         record.repeated_kv_bytes = _repeated_bytes(site, hq, hkv)
@@ -466,7 +469,7 @@ def rewrite_attention(gm: fx.GraphModule, ctx: PassContext) -> str:
         native += site.kv_repeat == "enable_gqa"
         if site.kv_repeat in ("expand+reshape", "repeat_interleave"):
             repeats.append((record, site))
-    graph.eliminate_dead_code()
+    erase_unused(graph, replaced)
     for record, site in repeats:  # a repeat that another node still reads is still made
         alive = [u for src in (site.k, site.v) for u in src.users if match_repeat_kv(u) is not None]
         if alive:

@@ -50,6 +50,7 @@ class PassContext:
     store: WeightStore = STORE
     new_inputs: list[torch.Tensor] = field(default_factory=list)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
+    path_prefix: str = ""             # the graph's root module inside the compiled one (analysis.root_prefix)
 
     def add_input(self, graph: fx.Graph, name: str, tensor: torch.Tensor) -> fx.Node:
         """A new graph input (appended after the existing ones) that will be fed `tensor`."""

@@ -24,6 +24,7 @@ from qcompile.report import LinearReport
 
 from .analysis import LinearSite, shape_of, input_scale, linear_sites, module_path
 from .context import PassContext
+from .dead_code import erase_unused
 
 
 def _float_bytes(n: int, k: int) -> int:
@@ -44,7 +45,7 @@ def _report_prequantized(gm: fx.GraphModule, ctx: PassContext) -> int:
             n = (shape_of(node) or (0,))[-1]
             quant = sum(t.numel() * t.element_size() for a in node.args[1:]
                         if isinstance(a, fx.Node) and isinstance(t := ctx.values.get(a), torch.Tensor))
-            plan = LinearPlan(module_path(node), k, n, reason="quantized ahead of time (qcompile.quantize / load)")
+            plan = LinearPlan(module_path(node, prefix=ctx.path_prefix), k, n, reason="quantized ahead of time (qcompile.quantize / load)")
             _record(ctx, plan, str(node.target.name()), quant)
             count += 1
     return count
@@ -59,7 +60,7 @@ def quantize_linears(gm: fx.GraphModule, ctx: PassContext) -> str:
     graph = gm.graph
     pre = _report_prequantized(gm, ctx)
     accepted: list[tuple[LinearSite, LinearPlan]] = []
-    for site in linear_sites(graph):
+    for site in linear_sites(graph, ctx.path_prefix):
         w = ctx.values.get(site.weight)
         if not isinstance(w, torch.nn.Parameter):
             n, k = shape_of(site.weight)[-2:]
@@ -78,9 +79,10 @@ def quantize_linears(gm: fx.GraphModule, ctx: PassContext) -> str:
         groups[key].append((site, plan))
 
     order = {n: i for i, n in enumerate(graph.nodes)}
+    orphaned: list[fx.Node] = []
     for members in groups.values():
-        _rewrite(graph, ctx, members, min((s.node for s, _ in members), key=order.__getitem__))
-    graph.eliminate_dead_code()
+        orphaned += _rewrite(graph, ctx, members, min((s.node for s, _ in members), key=order.__getitem__))
+    erase_unused(graph, orphaned)
     gm.recompile()
     return f"{len(accepted)} linears quantized in {len(groups)} ops, {pre} already quantized"
 
@@ -103,7 +105,8 @@ def _quantize_group(ctx: PassContext, members, importances) -> object:
     return lowering.pack(fmt.cat(weights) if len(weights) > 1 else weights[0], ctx.device)
 
 
-def _rewrite(graph: fx.Graph, ctx: PassContext, members, first: fx.Node) -> None:
+def _rewrite(graph: fx.Graph, ctx: PassContext, members, first: fx.Node) -> list[fx.Node]:
+    """Replace the members' matmuls by one op; returns the nodes only they read (weight transposes)."""
     params = tuple(ctx.values[site.weight] for site, _ in members)
     key = (ctx.config, str(ctx.device), members[0][1].format, members[0][1].group_size,
            tuple(s.weight_is_in_out for s, _ in members))
@@ -127,5 +130,8 @@ def _rewrite(graph: fx.Graph, ctx: PassContext, members, first: fx.Node) -> None
             notes = ["one op for " + "+".join(fused_with)] if len(members) > 1 else []
             share = plan.out_features / packed.out_features
             _record(ctx, plan, str(packed.op.name()), int(packed.nbytes * share), notes)
+    orphaned = []
     for site, _ in members:
+        orphaned += site.node.all_input_nodes
         graph.erase_node(site.node)
+    return orphaned

@@ -16,6 +16,27 @@ def source_name(source) -> str:
     return name() if callable(name) else name
 
 
+def compiled_calling_module():
+    """The module the user compiled, seen from inside a backend call: the one an `OptimizedModule`
+    on the Python stack wraps, else the outermost module whose frame runs Dynamo-compiled code
+    (a graph break inside `model.forward = torch.compile(model.forward)`); None when neither.
+    `torch._dynamo.utils.orig_code_map` (compiled code -> original code) exists in 2.11 and 2.13."""
+    import sys
+
+    from torch._dynamo.eval_frame import OptimizedModule
+    from torch._dynamo.utils import orig_code_map
+
+    top, frame = None, sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, OptimizedModule):
+            return owner._orig_mod
+        if isinstance(owner, torch.nn.Module) and frame.f_code in orig_code_map:
+            top = owner
+        frame = frame.f_back
+    return top
+
+
 def compile_with_inductor(gm, example_inputs, config_patches: dict, num_added: int = 0):
     """AOTAutograd + Inductor on a Dynamo graph (takes ownership of `gm`).
 

@@ -58,7 +58,7 @@ class Backend:
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs, **kwargs):
         from qcompile.passes import PASSES, PassContext
-        from qcompile.passes.analysis import placeholder_values
+        from qcompile.passes.analysis import placeholder_values, root_prefix
 
         mode, options = kwargs.pop("mode", None), kwargs.pop("options", None) or {}
         gm = _own_copy(gm)
@@ -66,8 +66,9 @@ class Backend:
             raise TypeError(f"qcompile backend got unexpected torch.compile arguments {sorted(kwargs)}")
         device = _device_of(example_inputs)
         report = GraphReport(index=next(_graph_counter), device=str(device))
-        ctx = PassContext(self.config, device, placeholder_values(gm.graph, example_inputs), report,
-                          fuse_projections=self.fuse_projections, attention=self.attention)
+        values = placeholder_values(gm.graph, example_inputs)
+        ctx = PassContext(self.config, device, values, report, fuse_projections=self.fuse_projections,
+                          attention=self.attention, path_prefix=root_prefix(gm.graph, values))
         switched_off = {"linear": not self.quantize_linears, "attention": not self.attention.enabled}
         for name, run_pass in PASSES:
             if switched_off.get(name):

@@ -1,6 +1,8 @@
 """`qcompile.explain`: run the passes on a model's graphs and report what they did, and why."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -29,8 +31,21 @@ def explain(model_or_fn, *example_inputs, config: QuantConfig | None = None,
     compiled(*example_inputs, **example_kwargs)
     report = Report(config=backend.describe(), graphs=reports)
     if isinstance(model_or_fn, nn.Module):
+        _check_paths(report, model_or_fn)
         _describe_prequantized(report, model_or_fn)
     return report
+
+
+def _check_paths(report: Report, model: nn.Module) -> None:
+    """Every path the report names must be one of the model's modules: skip patterns and the
+    lm_head rule match on them. A mismatch means Dynamo's records changed under a new release."""
+    names = {p for p, _ in model.named_modules()}
+    unknown = sorted({x.path for g in report.graphs for x in g.linears} - names)
+    if unknown:
+        warnings.warn(
+            f"qcompile: report paths {unknown[:3]} are not modules of {type(model).__name__}: "
+            f"skip= patterns and the lm_head rule will not match them (torch {torch.__version__}). "
+            "Please report this with your torch and transformers versions.", RuntimeWarning, stacklevel=3)
 
 
 def _describe_prequantized(report: Report, model: nn.Module) -> None:
