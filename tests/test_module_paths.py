@@ -61,13 +61,13 @@ def test_paths_are_named_modules_for_every_entry_point(run):
 
 
 def test_graphs_after_a_graph_break_keep_full_paths():
-    # Returned attention weights break the graph inside the decoder: the rest is compiled as
-    # graphs rooted at inner modules, whose own records read "layers.0.mlp.up_proj".
+    # A graph break inside the decoder: the rest is compiled as graphs rooted at inner modules,
+    # whose own records read "layers.0.mlp.up_proj".
     torch._dynamo.reset()
     model = tiny_llama()
-    model.set_attn_implementation("eager")
+    model.model.layers[1].register_forward_pre_hook(lambda module, args: torch._dynamo.graph_break())
     reports = []
-    torch.compile(model, backend=_backend(reports))(torch.randint(0, 256, (1, 8)), output_attentions=True)
+    torch.compile(model, backend=_backend(reports))(torch.randint(0, 256, (1, 8)))
     assert len(reports) > 1
     assert _paths(reports) == LLAMA_PATHS
 
