@@ -32,7 +32,7 @@ if "--warm-cache" not in sys.argv:
 import torch
 
 import qcompile
-from qcompile.demo import model_bytes
+from qcompile.evaluate import model_bytes
 from qcompile.models import load_model
 
 RESULTS = Path(__file__).parent / "results"

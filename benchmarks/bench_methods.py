@@ -27,7 +27,8 @@ import torch
 
 import qcompile
 from qcompile import GANQConfig, GPTQConfig, RTNConfig
-from qcompile.evaluate import held_out_text, perplexity
+from qcompile import devset
+from qcompile.evaluate import Perplexity, window_nll
 from qcompile.methods import gptq, plan_linear, quantize_linear
 from qcompile.models import load_model
 from qcompile.quantize import install, linear_modules, untie
@@ -117,7 +118,7 @@ def main() -> None:
         return
     torch.manual_seed(0)
     _, tok = load_model()
-    ids = tok(held_out_text(), return_tensors="pt").input_ids
+    ids = devset.windows(tok, "report").ids
     # with --only, the other rows of the last run stay in the table
     old = json.loads((OUT / "methods_smollm2.json").read_text())["results"] if args.only and \
         (OUT / "methods_smollm2.json").exists() else []
@@ -135,8 +136,9 @@ def main() -> None:
             apply(model)
         seconds = time.perf_counter() - t if apply is not None else 0.0
         cpu_s = time.process_time() - cpu if apply is not None else 0.0
-        ppl = perplexity(model, ids=ids, progress=False)
-        r = {"name": name, "ppl": round(ppl, 3), "quantize_s": round(seconds, 1), "quantize_cpu_s": round(cpu_s, 1),
+        nll = window_nll(model, ids, progress=False)
+        ppl = Perplexity(nll).ppl
+        r = {"name": name, "ppl": round(ppl, 3), "nll": nll.tolist(), "quantize_s": round(seconds, 1), "quantize_cpu_s": round(cpu_s, 1),
              "load_avg": round(max(load, os.getloadavg()[0]), 1),
              "decoder_weight_mib": round(decoder_bytes(model) / 2**20, 2), "note": note}
         results.append(r)

@@ -27,7 +27,7 @@ def main(argv=None) -> int:
                         ("inspect", "print what qcompile does to each layer of a model")):
         s = sub.add_parser(name, help=help_)
         s.add_argument("--model", default="smollm2", help="'smollm2' (bundled) or a local Hugging Face folder")
-        s.add_argument("--group-size", type=int, default=None, help="int4 group size (0: per channel)")
+        s.add_argument("--group-size", type=int, default=None, help="int4 group size (-1 or 0: per channel)")
         s.add_argument("--bits", type=int, default=None, help=argparse.SUPPRESS)
         s.add_argument("--minmax", action="store_true", help="plain round-to-nearest grid instead of the fitted one")
     sub.choices["demo"].add_argument("--tokens", type=int, default=64)
@@ -38,9 +38,9 @@ def main(argv=None) -> int:
     e.add_argument("--model", default="smollm2", help="'smollm2' (bundled) or a local Hugging Face folder")
     e.add_argument("--config", default="default",
                    help="'default', 'minmax', a method name (rtn, ...), or a checkpoint folder (qcompile or GPTQ)")
-    e.add_argument("--text", default=None, help="text file to measure on (default: the GPL-3 licence text)")
+    e.add_argument("--text", default=None, help="text file to measure on (default: the development set's report split, 52 windows from 9 documents of 3 kinds; see qcompile.devset)")
     e.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
-    e.add_argument("--max-tokens", type=int, default=1024, help="use the first N tokens (0: all; default 1024)")
+    e.add_argument("--max-tokens", type=int, default=0, help="with --text: use its first N tokens (0: all)")
     e.add_argument("--compile", action="store_true", help="run the quantized model through torch.compile(backend=qcompile)")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)

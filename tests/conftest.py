@@ -70,10 +70,23 @@ def smollm2_loader():
 
 @pytest.fixture(scope="session")
 def held_out_ids(smollm2_loader):
-    from qcompile.evaluate import held_out_text
+    """One 512-token window from each document of the development set's report split (9 windows,
+    3 kinds of text): a quick sample of what the benchmarks measure on all 52 windows."""
+    from qcompile import devset
 
     _, tok = smollm2_loader()
-    return tok(held_out_text(), return_tensors="pt").input_ids
+    return devset.windows(tok, "report", per_document=1).ids
+
+
+@pytest.fixture(scope="session")
+def gpl3_ids(smollm2_loader):
+    """The first 1024 tokens of the GPL-3 (two 512-token windows): the text the published numbers
+    in numbers.md (HQQ, GPTQModel, the fp32 harness) were measured on."""
+    from qcompile import devset
+
+    _, tok = smollm2_loader()
+    text = next(d.text for d in devset.documents("tune") if d.name == "gpl-3")
+    return tok(text, return_tensors="pt").input_ids[:, :1024]
 
 
 @pytest.fixture(scope="session")

@@ -84,7 +84,7 @@ def test_eval_command_prints_float_and_quantized_side_by_side(tiny_dir, capsys):
     qcompile.quantize(float_model, RTNConfig(search="minmax"), progress=False)
     q = evaluate.perplexity(float_model, ids=ids, seqlen=64, max_tokens=256, progress=False)
     ppl = _table_row(out, "perplexity")
-    assert ppl == [f"{f:.2f}", f"{q:.2f}", f"{q / f:.3f}x"]
+    assert ppl[0::3] == [f"{f:.2f}", f"{q:.2f}", f"{q / f:.3f}"]  # each with ± its standard error
     linear_ratio = float(_table_row(out, "weight bytes, linears (MiB)")[-1].rstrip("x"))
     assert linear_ratio < 0.3  # int4 + scales against float32
     assert "256 tokens in 4 windows of 64" in out
@@ -99,7 +99,7 @@ def test_eval_command_reads_a_gptq_checkpoint_and_compiles(tiny_dir, capsys):
                str(tiny_dir.parent / "text.txt"), "--seqlen", "64", "--max-tokens", "128", "--compile", "--no-progress"])
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert math.isclose(float(_table_row(out, "perplexity")[1]), expect, abs_tol=0.011)
+    assert math.isclose(float(_table_row(out, "perplexity")[3]), expect, abs_tol=0.011)
     assert "torch.compile, backend=qcompile" in out
 
 
@@ -111,7 +111,7 @@ def test_eval_command_interrupt_and_bad_input(tiny_dir, capsys, monkeypatch):
     assert "fewer than one window" in capsys.readouterr().err
     assert main(["eval", "--model", str(tiny_dir), "--text", "/nonexistent/file.txt"]) == 2
 
-    real = evaluate.perplexity
+    real = evaluate.window_nll
     calls = []
 
     def interrupted_second_time(*args, **kwargs):
@@ -120,9 +120,28 @@ def test_eval_command_interrupt_and_bad_input(tiny_dir, capsys, monkeypatch):
             raise KeyboardInterrupt  # Ctrl-C during the quantized model's evaluation
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(evaluate, "perplexity", interrupted_second_time)
+    monkeypatch.setattr(evaluate, "window_nll", interrupted_second_time)
     assert main(["eval", "--model", str(tiny_dir), "--config", "minmax", "--seqlen", "64", "--max-tokens", "128", *text]) == 130
     captured = capsys.readouterr()
     assert "interrupted" in captured.err
     row = _table_row(captured.out, "perplexity")
-    assert re.fullmatch(r"\d+\.\d\d", row[0]) and row[1:] == ["-", "-"]  # the float row survives
+    assert re.fullmatch(r"\d+\.\d\d", row[0]) and row[3:] == ["-", "-"]  # the float row survives
+
+
+def test_spread_is_the_standard_error_over_windows_and_the_ratio_is_paired():
+    f = evaluate.Perplexity(torch.tensor([2.0, 3.0, 4.0], dtype=torch.float64))
+    q = evaluate.Perplexity(torch.tensor([2.1, 3.3, 4.2], dtype=torch.float64))
+    assert math.isclose(f.ppl, math.exp(3.0)) and math.isclose(f.se, math.exp(3.0) * 1.0 / math.sqrt(3))
+    d = [0.1, 0.3, 0.2]  # mean 0.2, sample std 0.1
+    r, se = q.ratio_to(f)
+    assert math.isclose(r, math.exp(0.2)) and math.isclose(se, math.exp(0.2) * 0.1 / math.sqrt(3))
+    assert se < q.se / q.ppl  # pairing removes the windows' own spread
+    with pytest.raises(ValueError, match="different windows"):
+        q.ratio_to(evaluate.Perplexity(torch.zeros(2, dtype=torch.float64)))
+
+
+def test_perplexity_takes_prepared_windows_as_they_are():
+    model = Uniform(50)
+    windows = torch.arange(3 * 8).reshape(3, 8)
+    assert perplexity_close(evaluate.perplexity(model, ids=windows, progress=False), 50)
+    assert [w[0].tolist() for w in model.windows] == windows.tolist()
