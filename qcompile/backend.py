@@ -38,6 +38,8 @@ class Backend:
     def __init__(self, config: QuantConfig | None = None, *, fuse_projections: bool = True,
                  inductor: bool = True, reports: list | None = None,
                  attention: AttentionConfig | bool | None = None, quantize_linears: bool = True):
+        # no config: the default recipe, chosen per compiled model (`default_config`)
+        self.explicit_config = config is not None
         self.config = config or default_config()
         self.config.validate()
         # attention: an AttentionConfig, or True/None (the default one) / False (pass off)
@@ -67,7 +69,11 @@ class Backend:
         device = _device_of(example_inputs)
         report = GraphReport(index=next(_graph_counter), device=str(device))
         values = placeholder_values(gm.graph, example_inputs)
-        ctx = PassContext(self.config, device, values, report, fuse_projections=self.fuse_projections,
+        config = self.config if self.explicit_config else default_config(_compat.compiled_calling_module())
+        if config != self.config:
+            report.notes.append(f"default recipe for a model that does not generate text: {config.method} "
+                                f"int{config.bits} per channel")
+        ctx = PassContext(config, device, values, report, fuse_projections=self.fuse_projections,
                           attention=self.attention, path_prefix=root_prefix(gm.graph, values))
         switched_off = {"linear": not self.quantize_linears, "attention": not self.attention.enabled}
         for name, run_pass in PASSES:

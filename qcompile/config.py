@@ -38,6 +38,11 @@ class QuantConfig:
     method = "base"
     needs_calibration = False  # True: only `qcompile.quantize(..., calibration=...)` can apply it
 
+    def __post_init__(self):
+        # group_size=-1 is per channel in GPTQ checkpoints, AutoGPTQ and GPTQModel: the same as None
+        if hasattr(self, "group_size"):
+            object.__setattr__(self, "group_size", per_channel_as_none(self.group_size))
+
     def validate(self) -> None:
         if self.lm_head_bits not in (4, 8):
             raise ValueError(f"{type(self).__name__}(lm_head_bits={self.lm_head_bits}): use 4 or 8")
@@ -79,9 +84,10 @@ class RTNConfig(QuantConfig):
     """Data-free weight-only quantization (round to nearest on a fitted grid).
 
     Attributes:
-        bits: weight bits (4).
-        group_size: input channels per scale/zero-point: 32, 64, 128, 256, or None for one group per
-            output channel. When it does not divide a layer's input features, the largest supported
+        bits: weight bits: 4 (int4 in groups) or 8 (int8 per output channel, symmetric; group_size,
+            sym and search do not apply).
+        group_size: input channels per scale/zero-point: 32, 64, 128, 256, or None (or -1, as GPTQ
+            checkpoints write it) for one group per output channel. When it does not divide a layer's input features, the largest supported
             size that does is used and the report says so.
         sym: symmetric grid (zero-point fixed at the middle code) instead of asymmetric.
         search: how the grid of each group is fitted, all data-free:
@@ -102,15 +108,15 @@ class RTNConfig(QuantConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.bits != 4:
+        if self.bits not in (4, 8):
             raise ValueError(
-                f"RTNConfig(bits={self.bits}) is not supported: the int4 kernels serve bits=4 only "
-                "(2/3/8-bit weights come with GPTQConfig)"
+                f"RTNConfig(bits={self.bits}) is not supported: use 4 (int4 groups) or 8 (int8 per "
+                "channel); 2/3-bit weights come with GPTQConfig"
             )
         if self.group_size is not None and self.group_size not in INT4_GROUP_SIZES:
             raise ValueError(
                 f"RTNConfig(group_size={self.group_size}) is not supported: use one of "
-                f"{INT4_GROUP_SIZES} or None (per output channel)"
+                f"{INT4_GROUP_SIZES} or None / -1 (per output channel)"
             )
         if self.search not in ("minmax", "hqq"):
             raise ValueError(f"RTNConfig(search={self.search!r}): use 'minmax' or 'hqq'")
@@ -157,7 +163,8 @@ class GPTQConfig(CalibratedConfig):
 
     Attributes:
         bits: 2, 3 or 4 (stored as 4-bit codes, served by the int4 kernels) or 8.
-        group_size: 32, 64, 128, 256, or None for one grid per output channel. When it does not
+        group_size: 32, 64, 128, 256, or None (or -1, as GPTQ checkpoints write it) for one grid per
+            output channel. When it does not
             divide a layer's input features, the largest supported size that does is used and the
             report says so (SmolLM2's 576-wide inputs get 64 for 128).
         sym: symmetric grid (zero-point 2^(bits-1)) instead of min/max with a fitted integer zero.
@@ -209,7 +216,7 @@ class GPTQConfig(CalibratedConfig):
             raise ValueError(f"{name}(bits={self.bits}) is not supported: use one of {GPTQ_BITS}")
         if self.group_size is not None and self.group_size not in INT4_GROUP_SIZES:
             raise ValueError(f"{name}(group_size={self.group_size}) is not supported: use one of "
-                             f"{INT4_GROUP_SIZES} or None (per output channel)")
+                             f"{INT4_GROUP_SIZES} or None / -1 (per output channel)")
         check_calibration_fields(self, ("block_size", "nsamples", "seqlen", "batch_size"),
                                  ("sym", "act_order", "static_groups", "clip_search", "true_sequential",
                                   "float_targets"))
@@ -268,10 +275,24 @@ class GANQConfig(CalibratedConfig):
 CONFIGS: dict[str, type[QuantConfig]] = {"rtn": RTNConfig, "gptq": GPTQConfig, "ganq": GANQConfig}
 
 
-def default_config() -> QuantConfig:
-    """The recipe used when no config is given: data-free int4 in groups of 64 with a fitted,
-    norm-weighted grid, and an int8 lm_head."""
+def default_config(model=None) -> QuantConfig:
+    """The recipe used when no config is given.
+
+    A model that generates text (or any module that is not a Hugging Face model): data-free int4
+    in groups of 64 with a fitted, norm-weighted grid, and an int8 lm_head — decode reads every
+    weight per token, so 4 bits pay. A Hugging Face model that does not generate (an encoder,
+    embedding or classification model: ``model.can_generate()`` is False): int8 per channel —
+    they run batched and compute-bound, where 4 bits save little time and cost accuracy
+    (all-MiniLM-L6-v2's sentence embeddings fall to cosine 0.973 of float at int4 g64)."""
+    if is_encoder(model):
+        return RTNConfig(bits=8)
     return RTNConfig()
+
+
+def is_encoder(model) -> bool:
+    """Whether `model` is a Hugging Face model that does not generate text (see `default_config`)."""
+    can_generate = getattr(model, "can_generate", None)
+    return callable(can_generate) and hasattr(model, "config") and not can_generate()
 
 
 def is_output_head(path: str) -> bool:
@@ -279,9 +300,15 @@ def is_output_head(path: str) -> bool:
     return path.rsplit(".", 1)[-1] in ("lm_head", "embed_out")
 
 
+def per_channel_as_none(group_size: int | None) -> int | None:
+    """-1 (per channel, as GPTQ checkpoints, AutoGPTQ and GPTQModel write it) as None."""
+    return None if group_size == -1 else group_size
+
+
 def choose_group_size(requested: int | None, in_features: int) -> tuple[int | None, str | None]:
     """(group size to use, note) for a layer: the requested size, or the largest supported one that
-    divides in_features (None if none does). Per channel (None) uses one group of in_features."""
+    divides in_features (None if none does). Per channel (None or -1) uses one group of in_features."""
+    requested = per_channel_as_none(requested)
     if requested is None:
         return in_features, None
     if in_features % requested == 0:

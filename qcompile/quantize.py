@@ -96,7 +96,7 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, example_inp
     Returns the same model; ``model.qcompile_report`` holds the per-layer report.
     Interrupting (Ctrl-C) leaves the layers done so far quantized and the rest in float.
     """
-    config = config or default_config()
+    config = config or default_config(model)
     config.validate()
     if config.needs_calibration:
         from .calibration import quantize_with_calibration

@@ -58,8 +58,8 @@ def plan_linear(config: QuantConfig, path: str, weight: Tensor, device: torch.de
             f"skip=({path!r},) in the config"
         )
     head_int8 = is_output_head(path) and config.lm_head_bits == 8
-    if head_int8:
-        fmt, group = "int8", None
+    if head_int8 or (isinstance(config, RTNConfig) and config.bits == 8):
+        fmt, group = "int8", None  # per channel, symmetric
     elif isinstance(config, GANQConfig):  # one table per output row: no groups
         fmt, group = "lut", None
     else:
@@ -89,7 +89,8 @@ def describe(config: QuantConfig, fmt: str, group: int | None, in_features: int)
         return (f"{config.bits}-bit {g} {'sym' if config.sym else 'asym'}, gptq"
                 f"{order if config.act_order else ''}{', clip search' if config.clip_search else ''}")
     if fmt == "int8":
-        return "int8 per channel, symmetric"
+        return "int8 per channel, symmetric" + (" (default recipe for a model that does not generate)"
+                                                  if config == RTNConfig(bits=8) else "")
     if isinstance(config, RTNConfig):
         g = "per channel" if group == in_features and config.group_size is None else f"g{group}"
         return f"int4 {g} {'sym' if config.sym else 'asym'}, {config.method} ({config.search} grid)"

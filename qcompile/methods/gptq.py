@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..config import per_channel_as_none
 from ..formats import Int4Weight, Int8Weight, pack_nibbles
 from .threads import threads
 
@@ -193,13 +194,14 @@ def gptq_quantize(weight: Tensor, inv: InverseHessian, *, bits: int = 4, group_s
                   block_size: int = 128, scale_dtype: torch.dtype = torch.bfloat16) -> GPTQResult:
     """Quantize `weight` [N, K] given its layer's `InverseHessian` (see `invert`).
 
-    group_size None: one grid per output row, fitted up front. static_groups: every group's grid
+    group_size None (or -1): one grid per output row, fitted up front. static_groups: every group's grid
     is fitted up front on the original column blocks (input i is in group i // group_size, and
     the codes are stored in the layer's order). Otherwise a group's grid is fitted when the loop
     reaches its first column, in act_order order if `inv.perm` is set.
 
     Works on Wᵀ (one input column = one contiguous row), which keeps the per-column rank-1
     update a fast contiguous BLAS call."""
+    group_size = per_channel_as_none(group_size)
     g = _check(weight, bits, group_size)
     n, k = weight.shape
     if inv.hinv.shape != (k, k):
@@ -257,6 +259,7 @@ def rtn_quantize(weight: Tensor, *, bits: int = 4, group_size: int | None = 128,
                  clip_search: bool = False, scale_dtype: torch.dtype = torch.bfloat16) -> GPTQResult:
     """Round to nearest on GPTQ's grid, with no error feedback: the baseline GPTQ improves on, and
     what layers with no calibration inputs get under a GPTQ config."""
+    group_size = per_channel_as_none(group_size)
     g = _check(weight, bits, group_size)
     n, k = weight.shape
     w = weight.detach().float().reshape(n * (k // g), g)
