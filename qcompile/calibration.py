@@ -386,9 +386,11 @@ def _sharing(hessians: dict[str, gptq.Hessian], names: list[str]) -> list[list[s
 
 
 def fit_layers(config: GPTQConfig | GANQConfig, h: Tensor, weights: list[Tensor], plans: list,
-               name: str) -> list[tuple[Tensor, object]]:
-    """Quantize layers that share the Hessian `h` of their input: (dequantized weight, format)
-    per layer. Adds what was used (damping) to the plans' reasons and notes."""
+               name: str) -> list[tuple[Tensor, object, object]]:
+    """Quantize layers that share the Hessian `h` of their input: (dequantized weight, format,
+    round to nearest's format on the same grid or None) per layer. Adds what was used (damping)
+    to the plans' reasons and notes. A GPTQ layer whose calibration output error exceeds round
+    to nearest's on the same grid gets round to nearest instead, and its reason says so."""
     if isinstance(config, GANQConfig):  # one batched fit: the rows of all layers together
         result = ganq.ganq_quantize(torch.cat([w.detach() for w in weights]), h, bits=config.bits,
                                     iters=config.iters, damp=config.damp_percent,
@@ -400,7 +402,7 @@ def fit_layers(config: GPTQConfig | GANQConfig, h: Tensor, weights: list[Tensor]
             plan.reason += f", damp {result.damp:g}"
             plan.notes.append(f"table {part.tables.numel() * part.tables.element_size()} bytes "
                               f"({part.tables.shape[1]} entries x {part.tables.shape[0]} rows)")
-            out.append((part.dequantize(w.dtype), part))
+            out.append((part.dequantize(w.dtype), part, None))
         if result.errors[0] > 0:
             plans[0].notes.append(f"output error {min(result.errors) / result.errors[0]:.2f}x the initial "
                                   f"table's after {config.iters} iterations (shared by {len(weights)} layers)")
@@ -408,14 +410,81 @@ def fit_layers(config: GPTQConfig | GANQConfig, h: Tensor, weights: list[Tensor]
     inv = gptq.invert(h, act_order=config.act_order, damp_percent=config.damp_percent, name=name)
     out = []
     for w, plan in zip(weights, plans):
+        group = None if config.group_size is None else plan.group_size
         result = gptq.gptq_quantize(
-            w, inv, bits=config.bits, group_size=None if config.group_size is None else plan.group_size,
-            sym=config.sym, static_groups=config.static_groups, clip_search=config.clip_search,
-            block_size=config.block_size, scale_dtype=config.scale_dtype)
+            w, inv, bits=config.bits, group_size=group, sym=config.sym, static_groups=config.static_groups,
+            clip_search=config.clip_search, block_size=config.block_size, scale_dtype=config.scale_dtype)
+        rtn = gptq.rtn_quantize(w, bits=config.bits, group_size=group, sym=config.sym,
+                                clip_search=config.clip_search, scale_dtype=config.scale_dtype)
         plan.reason += f", damp {inv.damp_percent:g}"
         plan.notes += _gptq_note(inv)
-        out.append((result.dequantize(w.dtype), gptq.to_format(result)))
+        q, rtn_q = result.dequantize(w.dtype), rtn.dequantize(w.dtype)
+        ratio = output_error(w, q, h) / max(output_error(w, rtn_q, h), 1e-30)
+        if ratio > 1:  # GPTQ must not be worse than round to nearest on its own calibration inputs
+            plan.reason = plan.reason.replace(", gptq", ", round to nearest (GPTQ's calibration error was "
+                                              f"{ratio:.2f}x round to nearest's)", 1)
+            out.append((rtn_q, gptq.to_format(rtn), None))
+        else:
+            plan.notes.append(f"calibration output error {ratio:.2f}x round to nearest's")
+            out.append((q, gptq.to_format(result), gptq.to_format(rtn)))
     return out
+
+
+def output_error(w: Tensor, q: Tensor, h: Tensor) -> float:
+    """tr((W − Q) H (W − Q)ᵀ): the layer's squared output error on the inputs H was built from."""
+    d = (w - q).float()
+    return ((d @ h.float()) * d).sum().item()
+
+
+@torch.no_grad()
+def heldout_nll(model: nn.Module, rows: list[Tensor]) -> float:
+    """Mean next-token NLL of a causal LM over held-out calibration windows."""
+    device = next(model.parameters()).device
+    total = 0.0
+    for r in rows:
+        ids = r[None].to(device)
+        logits = model(ids).logits[0, :-1].float()
+        total += torch.nn.functional.cross_entropy(logits, ids[0, 1:]).item()
+    return total / len(rows)
+
+
+def split_heldout(rows: list[Tensor], config) -> tuple[list[Tensor], list[Tensor]]:
+    """(fit rows, held-out rows): every 9th window (spread over the text) is held out to check
+    the result against round to nearest; fewer than 9 windows: none."""
+    if not isinstance(config, GPTQConfig) or len(rows) < 9:
+        return rows, []
+    held = set(range(4, len(rows), 9))
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+def check_against_rtn(model: nn.Module, fallback: dict, heldout: list[Tensor], entries: dict, report) -> None:
+    """Compare the GPTQ model with round to nearest on the same grid over held-out calibration
+    windows; if round to nearest is better, keep it instead and warn (never a silently worse model)."""
+    import warnings
+
+    from . import lowering
+
+    gptq_nll = heldout_nll(model, heldout)
+    mods = {p: model.get_submodule(p) for p in fallback}
+    kept = {p: m.packed_weight() for p, m in mods.items()}
+    for p, m in mods.items():
+        m._set_packed(lowering.pack(fallback[p], next(m.buffers()).device))
+    rtn_nll = heldout_nll(model, heldout)
+    note = (f"held-out calibration NLL: GPTQ {gptq_nll:.4f}, round to nearest on the same grid {rtn_nll:.4f} "
+            f"({len(heldout)} windows)")
+    if rtn_nll < gptq_nll:
+        for p in mods:
+            e = entries[p]
+            e.reason = e.reason.replace(", gptq", ", round to nearest (GPTQ was worse on held-out calibration "
+                                        "text)", 1)
+        report.notes.append(note + ": GPTQ was worse, round to nearest kept")
+        warnings.warn(f"GPTQ gave a worse model than round to nearest on the same grid ({note}); "
+                      "the round-to-nearest weights were kept. Try GPTQConfig(float_targets=True), more "
+                      "or more varied calibration text, or a larger damp_percent.", stacklevel=3)
+    else:
+        for p, m in mods.items():
+            m._set_packed(kept[p])
+        report.notes.append(note)
 
 
 @torch.no_grad()
@@ -429,9 +498,17 @@ def quantize_with_calibration(model: nn.Module, config: GPTQConfig | GANQConfig,
     if isinstance(config, GPTQConfig):
         gptq.require_format(config.bits)
     blocks_path, blocks = decoder_blocks(model)
+    from_text = calibration is None or isinstance(calibration, str) or (
+        isinstance(calibration, (list, tuple)) and bool(calibration) and all(isinstance(c, str) for c in calibration))
+    extra = (config.nsamples + 7) // 8  # windows cut from a text beyond nsamples, held out (split_heldout)
+    extra = extra if isinstance(config, GPTQConfig) and from_text and config.nsamples + extra >= 9 else 0
     rows, described = calibration_ids(calibration, model=model, tokenizer=tokenizer,
-                                      nsamples=config.nsamples, seqlen=config.seqlen)
+                                      nsamples=config.nsamples + extra, seqlen=config.seqlen)
+    rows, heldout = split_heldout(rows, config)
+    if heldout:
+        described += f"; {len(heldout)} of them held out to check against round to nearest"
     batches = _batches(rows, config.batch_size)
+    fallback: dict[str, object] = {}  # path -> round to nearest's format, for the held-out check
     device = next(model.parameters()).device
     report = GraphReport(index=0, device=str(device), notes=[f"calibration: {described}"])
     shapes = [(path, w.shape) for path, _, w in linear_modules(model)]
@@ -486,7 +563,9 @@ def quantize_with_calibration(model: nn.Module, config: GPTQConfig | GANQConfig,
                             plans[n].notes.append("fitted to the float model's outputs (float_targets)")
                     results = fit_layers(config, hessians[members[0]].h, weights, [plans[n] for n in members],
                                          prefix + members[0])
-                    for n, w, (dequantized, fmt) in zip(members, weights, results):
+                    for n, w, (dequantized, fmt, rtn_fmt) in zip(members, weights, results):
+                        if rtn_fmt is not None:
+                            fallback[prefix + n] = rtn_fmt
                         # Until the block is done, the layer computes with its dequantized weight
                         # in float: the same values as the quantized kernel (without an act_order
                         # input gather); the next groups' inputs and the next block's come from it.
@@ -521,6 +600,8 @@ def quantize_with_calibration(model: nn.Module, config: GPTQConfig | GANQConfig,
                 plan.reason = (plan.reason.split(", gptq")[0] + ", round to nearest on the GPTQ grid "
                                "(outside the decoder blocks: no calibration inputs)")
             entries[path] = install(model, path, mod, q, plan, input_emb)
+        if heldout and fallback:
+            check_against_rtn(model, fallback, heldout, entries, report)
         finished = True
     finally:
         if replay is not None:  # stopped mid-block: the sub-modules compute again
