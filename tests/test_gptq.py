@@ -525,3 +525,45 @@ def test_group_size_minus_one_means_per_channel_everywhere():
         else:
             qcompile.quantize(model, cfg, progress=False)
         assert all("per channel" in x.reason for x in model.qcompile_report.linears if x.op and "lm_head" not in x.path)
+
+
+def _sabotaged_gptq(real):
+    """gptq_quantize whose codes are pushed one step off: a GPTQ result worse than round to nearest."""
+    def run(*args, **kwargs):
+        r = real(*args, **kwargs)
+        top = 2 ** kwargs["bits"] - 1
+        return type(r)(**{**r.__dict__, "codes": torch.where(r.codes < top, r.codes + 1, r.codes - 1)})
+    return run
+
+
+def test_a_layer_where_gptq_is_worse_gets_round_to_nearest_and_says_so(monkeypatch):
+    monkeypatch.setattr(gptq, "gptq_quantize", _sabotaged_gptq(gptq.gptq_quantize))
+    model = tiny_llama()
+    float_model = copy.deepcopy(model)
+    qcompile.quantize(model, GPTQConfig(bits=4, group_size=32, sym=False), calibration=calibration_ids(), progress=False)
+    lins = {x.path: x for x in model.qcompile_report.linears}
+    from qcompile.quantize import linear_modules
+
+    for path, mod, w in linear_modules(float_model):
+        if not path.startswith("model.layers."):
+            continue
+        assert "round to nearest (GPTQ's calibration error was" in lins[path].reason
+        expect = gptq.rtn_quantize(w, bits=4, group_size=32, sym=False, clip_search=True)  # independent recomputation
+        got = lowering.unpack(model.get_submodule(path).packed_weight()).dequantize()
+        torch.testing.assert_close(got.float(), expect.dequantize(torch.float32), rtol=0, atol=1e-6)
+
+
+def test_held_out_windows_catch_a_gptq_model_worse_than_round_to_nearest(monkeypatch):
+    # per-layer errors blind (say GPTQ always wins), so only the held-out check can catch it
+    monkeypatch.setattr(gptq, "gptq_quantize", _sabotaged_gptq(gptq.gptq_quantize))
+    monkeypatch.setattr(calib, "output_error", lambda w, q, h: 0.0 if q is not None else 1.0)
+    text = "".join(chr(32 + (i * 7919) % 90) for i in range(20_000))
+    model = tiny_llama()
+    with pytest.warns(UserWarning, match="worse model than round to nearest"):
+        qcompile.quantize(model, GPTQConfig(bits=4, group_size=32, sym=False, nsamples=16, seqlen=64),
+                          calibration=[text], tokenizer=ByteTokenizer(), progress=False)
+    report = model.qcompile_report
+    assert "2 of them held out" in report.graphs[0].notes[0]
+    assert any("GPTQ was worse, round to nearest kept" in n for n in report.graphs[0].notes)
+    assert all("GPTQ was worse on held-out calibration text" in x.reason
+               for x in report.linears if x.path.startswith("model.layers."))
