@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .config import GANQConfig, GPTQConfig, is_output_head
 from .methods import ganq, gptq, plan_linear, quantize_linear
-from .quantize import float_report, install, linear_modules, untie
+from .modules import float_report, install, linear_modules, untie
 from .report import GraphReport, LinearReport, Report
 
 DEFAULT_TEXT = Path(__file__).parent / "data" / "calibration.txt"

@@ -10,7 +10,9 @@ import torch
 from torch import Tensor, nn
 
 from . import lowering
+from .config import is_output_head
 from .ops import LAYOUT_OPS, PackedLinear
+from .report import LinearReport
 
 
 class QuantLinear(nn.Module):
@@ -85,3 +87,64 @@ class QuantEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, int8 table shared with the lm_head"
+
+
+# --- swapping layers in a model (qcompile.quantize, the calibration pass, checkpoint loading) ---
+def _conv1d_type():
+    try:
+        from transformers.pytorch_utils import Conv1D
+        return Conv1D
+    except ImportError:
+        return None
+
+
+def linear_modules(model: nn.Module) -> list[tuple[str, nn.Module, torch.Tensor]]:
+    """(path, module, weight [out, in]) for every nn.Linear and Hugging Face Conv1D of `model`."""
+    conv1d = _conv1d_type()
+    found = []
+    for path, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            found.append((path, mod, mod.weight))
+        elif conv1d is not None and isinstance(mod, conv1d):
+            found.append((path, mod, mod.weight.t()))  # Conv1D stores [in, out]
+    return found
+
+
+def _set_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, new)
+
+
+def float_report(plan, weight: torch.Tensor) -> LinearReport:
+    """The report line of a layer that stays float (`plan.reason` says why)."""
+    return LinearReport(plan.path, plan.in_features, plan.out_features, None, plan.reason, plan.notes,
+                        2 * weight.numel())
+
+
+def install(model: nn.Module, path: str, mod: nn.Module, weight, plan, input_emb: nn.Module | None) -> LinearReport:
+    """Replace the layer at `path` by a QuantLinear holding `weight` (a canonical format), on the
+    layer's device; an int8 lm_head tied to the input embedding shares its table with it."""
+    float_bytes = 2 * plan.in_features * plan.out_features
+    device = getattr(mod, "weight").device
+    packed = lowering.pack(weight, device)
+    qlinear = QuantLinear(packed, mod.bias)
+    tied = input_emb is not None and getattr(input_emb, "weight", None) is mod.weight
+    _set_module(model, path, qlinear)
+    if tied and is_output_head(path) and packed.layout == "int8":
+        _set_module(model, _path_of(model, input_emb),
+                    QuantEmbedding(qlinear, input_emb.weight.dtype, getattr(input_emb, "padding_idx", None)))
+        plan.notes.append("tied input embedding reads the same int8 table")
+    elif tied:
+        plan.notes.append("tied input embedding keeps its float table")
+    return LinearReport(path, plan.in_features, plan.out_features, str(packed.op.name()), plan.reason,
+                        plan.notes, float_bytes, packed.nbytes)
+
+
+def untie(model: nn.Module) -> None:
+    """The float tie of lm_head and embedding is gone once either is replaced; stop HF re-tying."""
+    if hasattr(model, "config") and hasattr(model.config, "tie_word_embeddings"):
+        model.config.tie_word_embeddings = False
+
+
+def _path_of(model: nn.Module, target: nn.Module) -> str:
+    return next(p for p, m in model.named_modules() if m is target)

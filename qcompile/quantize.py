@@ -5,31 +5,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import lowering
-from .config import QuantConfig, default_config, is_output_head
+from .config import QuantConfig, default_config
+from .calibration import quantize_with_calibration
 from .methods import plan_linear, quantize_linear
-from .modules import QuantEmbedding, QuantLinear
-from .report import GraphReport, LinearReport, Report
-
-
-def _conv1d_type():
-    try:
-        from transformers.pytorch_utils import Conv1D
-        return Conv1D
-    except ImportError:
-        return None
-
-
-def linear_modules(model: nn.Module) -> list[tuple[str, nn.Module, torch.Tensor]]:
-    """(path, module, weight [out, in]) for every nn.Linear and Hugging Face Conv1D of `model`."""
-    conv1d = _conv1d_type()
-    found = []
-    for path, mod in model.named_modules():
-        if isinstance(mod, nn.Linear):
-            found.append((path, mod, mod.weight))
-        elif conv1d is not None and isinstance(mod, conv1d):
-            found.append((path, mod, mod.weight.t()))  # Conv1D stores [in, out]
-    return found
+from .modules import float_report, install, linear_modules, untie  # noqa: F401  (linear_modules: public here too)
+from .report import GraphReport, Report
 
 
 @torch.no_grad()
@@ -70,11 +50,6 @@ def norm_gains(model: nn.Module, example_inputs=None) -> dict[str, torch.Tensor]
     return gains
 
 
-def _set_module(model: nn.Module, path: str, new: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, name, new)
-
-
 @torch.no_grad()
 def quantize(model: nn.Module, config: QuantConfig | None = None, *, example_inputs=None,
              calibration=None, tokenizer=None, progress: bool = True) -> nn.Module:
@@ -99,8 +74,6 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, example_inp
     config = config or default_config(model)
     config.validate()
     if config.needs_calibration:
-        from .calibration import quantize_with_calibration
-
         return quantize_with_calibration(model, config, calibration, tokenizer=tokenizer, progress=progress)
     if calibration is not None or tokenizer is not None:
         raise ValueError(f"{type(config).__name__} is data-free: it takes no calibration= or tokenizer=")
@@ -122,38 +95,3 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, example_inp
     untie(model)
     model.qcompile_report = Report(config=config.to_dict(), graphs=[report])
     return model
-
-
-def float_report(plan, weight: torch.Tensor) -> LinearReport:
-    """The report line of a layer that stays float (`plan.reason` says why)."""
-    return LinearReport(plan.path, plan.in_features, plan.out_features, None, plan.reason, plan.notes,
-                        2 * weight.numel())
-
-
-def install(model: nn.Module, path: str, mod: nn.Module, weight, plan, input_emb: nn.Module | None) -> LinearReport:
-    """Replace the layer at `path` by a QuantLinear holding `weight` (a canonical format), on the
-    layer's device; an int8 lm_head tied to the input embedding shares its table with it."""
-    float_bytes = 2 * plan.in_features * plan.out_features
-    device = getattr(mod, "weight").device
-    packed = lowering.pack(weight, device)
-    qlinear = QuantLinear(packed, mod.bias)
-    tied = input_emb is not None and getattr(input_emb, "weight", None) is mod.weight
-    _set_module(model, path, qlinear)
-    if tied and is_output_head(path) and packed.layout == "int8":
-        _set_module(model, _path_of(model, input_emb),
-                    QuantEmbedding(qlinear, input_emb.weight.dtype, getattr(input_emb, "padding_idx", None)))
-        plan.notes.append("tied input embedding reads the same int8 table")
-    elif tied:
-        plan.notes.append("tied input embedding keeps its float table")
-    return LinearReport(path, plan.in_features, plan.out_features, str(packed.op.name()), plan.reason,
-                        plan.notes, float_bytes, packed.nbytes)
-
-
-def untie(model: nn.Module) -> None:
-    """The float tie of lm_head and embedding is gone once either is replaced; stop HF re-tying."""
-    if hasattr(model, "config") and hasattr(model.config, "tie_word_embeddings"):
-        model.config.tie_word_embeddings = False
-
-
-def _path_of(model: nn.Module, target: nn.Module) -> str:
-    return next(p for p, m in model.named_modules() if m is target)

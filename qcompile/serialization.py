@@ -23,7 +23,7 @@ from . import lowering
 from .errors import CheckpointError
 from .formats import FORMATS, gptq_hf
 from .modules import QuantEmbedding, QuantLinear
-from .quantize import _path_of, _set_module, linear_modules
+from .modules import _path_of, _set_module, linear_modules
 from .serialization_gptq import load_gptq, save_gptq
 
 TENSORS_FILE = "model.safetensors"

@@ -21,7 +21,7 @@ from . import lowering
 from .errors import CheckpointError
 from .formats import Int4Weight, gptq_hf
 from .modules import QuantEmbedding, QuantLinear
-from .quantize import _set_module, linear_modules
+from .modules import _set_module, linear_modules
 
 INDEX_FILE = "model.safetensors.index.json"
 TENSORS_FILE = "model.safetensors"
