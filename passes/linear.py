@@ -1,11 +1,23 @@
 """Linear pass: float matmuls with a parameter weight become qcompile quantized ops.
 
-Pattern:      y = linear(x, W, b)   (also addmm/mm with W or W.T; HF Conv1D)
-Replacement:  y = qcompile::<layout op>(x, *packed(W)) + b
+Pattern:      y = linear(x, W, b)             W [out, in]   (nn.Linear)
+              y = addmm(b, x, W)              W [in, out]   (HF Conv1D)
+              y = x @ W' | matmul(x, W') | mm(x, W')
+                  with W' = W [in, out], or W.t() / W.T / W.mT / W.transpose(0, 1) /
+                  W.permute(1, 0) of W [out, in]   (any dim spelling; a same-dtype cast,
+                  contiguous() or clone() in between is looked through)
+              y = einsum("...i,oi->...o", x, W)   a plain linear contraction, either storage
+                  and either operand order ("bsi,io->bso", "oi,bi->bo", ...)
+Replacement:  y = qcompile::<layout op>(x, *packed(W [out, in])) + b
               siblings reading the same x (q/k/v, gate/up) share one op over their stacked
               weights, and each takes its slice of the output.
-Check:        W is an nn.Parameter; `methods.plan_linear` accepts the layer (config, shape, dtype,
-              a kernel for this device); otherwise the node stays float and the report says why.
+Check:        W is a 2-D nn.Parameter; `methods.plan_linear` accepts the layer (config, shape,
+              dtype, a kernel for this device); otherwise the node stays float and the report says why.
+Reported, never silently skipped: every other matmul that reads a parameter (or a >= 2-D buffer) —
+3-D expert parameters under bmm / matmul / grouped_mm or indexed first, a weight reshaped, cast
+or combined in the graph, a parameter as the first operand, einsums that are not a plain linear
+contraction, a buffer — is listed in the report with op None and the form it saw
+(`analysis.matmul_sites` finds both kinds in one walk).
 Already-quantized layers (`qcompile.quantize`) arrive as qcompile ops and are only reported.
 """
 from __future__ import annotations
@@ -22,7 +34,7 @@ from qcompile.methods import LinearPlan, plan_linear, quantize_linear
 from qcompile.ops import QUANTIZED_LINEAR_OPS
 from qcompile.report import LinearReport
 
-from .analysis import LinearSite, shape_of, input_scale, linear_sites, module_path
+from .analysis import FloatMatmul, LinearSite, input_scale, matmul_sites, module_path, shape_of
 from .context import PassContext
 from .dead_code import erase_unused
 
@@ -31,10 +43,33 @@ def _float_bytes(n: int, k: int) -> int:
     return 2 * n * k  # measured against bf16, the usual baseline for weight-only quantization
 
 
-def _record(ctx: PassContext, plan: LinearPlan, op: str | None, quant_bytes: int | None = None, notes=()):
+def _record(ctx: PassContext, plan: LinearPlan, op: str | None, quant_bytes: int | None = None, notes=(),
+            weight: str | None = None):
     ctx.report.linears.append(LinearReport(plan.path, plan.in_features, plan.out_features, op, plan.reason,
                                            list(plan.notes) + list(notes), _float_bytes(plan.out_features, plan.in_features),
-                                           quant_bytes))
+                                           quant_bytes, weight))
+
+
+def _record_float_matmuls(ctx: PassContext, floats: list[FloatMatmul]) -> int:
+    """Each parameter of a matmul no rewrite takes, once per graph: op None, the form seen, why."""
+    seen = set()
+    for f in floats:
+        for param, name in zip(f.params, f.weight_names):
+            key = (f.path, name, f.reason)
+            if key in seen:
+                continue
+            seen.add(key)
+            t = ctx.values.get(param)
+            nbytes = 2 * t.numel() if isinstance(t, torch.Tensor) else _float_bytes(f.out_features, f.in_features)
+            ctx.report.linears.append(LinearReport(f.path, f.in_features, f.out_features, None, f.reason,
+                                                   [f"as written: {f.form}"], nbytes, None, name))
+    return len(seen)
+
+
+def _form_notes(site: LinearSite) -> list[str]:
+    """The form a rewritten matmul was written in, when it is not nn.Linear or Conv1D."""
+    plain = site.form.startswith(("F.linear(", "torch.addmm("))
+    return [] if plain else [f"as written: {site.form}"]
 
 
 def _report_prequantized(gm: fx.GraphModule, ctx: PassContext) -> int:
@@ -59,19 +94,16 @@ def quantize_linears(gm: fx.GraphModule, ctx: PassContext) -> str:
     """Rewrite every accepted linear of `gm` into a quantized op; returns a one-line summary."""
     graph = gm.graph
     pre = _report_prequantized(gm, ctx)
+    sites, floats = matmul_sites(graph, ctx.values, ctx.path_prefix)
     accepted: list[tuple[LinearSite, LinearPlan]] = []
-    for site in linear_sites(graph, ctx.path_prefix):
-        w = ctx.values.get(site.weight)
-        if not isinstance(w, torch.nn.Parameter):
-            n, k = shape_of(site.weight)[-2:]
-            n, k = (k, n) if site.weight_is_in_out else (n, k)
-            _record(ctx, LinearPlan(site.path, k, n, reason="weight is not an nn.Parameter (a buffer or plain tensor)"), None)
-            continue
-        plan = plan_linear(ctx.config, site.path, _weight_oi(site, w), ctx.device)
+    for site in sites:
+        plan = plan_linear(ctx.config, site.path, _weight_oi(site, ctx.values[site.weight]), ctx.device)
+        plan.notes += _form_notes(site)
         if plan.quantized:
             accepted.append((site, plan))
         else:
-            _record(ctx, plan, None)
+            _record(ctx, plan, None, weight=site.weight_name)
+    left_float = _record_float_matmuls(ctx, floats)
 
     groups: dict = defaultdict(list)
     for site, plan in accepted:
@@ -84,7 +116,8 @@ def quantize_linears(gm: fx.GraphModule, ctx: PassContext) -> str:
         orphaned += _rewrite(graph, ctx, members, min((s.node for s, _ in members), key=order.__getitem__))
     erase_unused(graph, orphaned)
     gm.recompile()
-    return f"{len(accepted)} linears quantized in {len(groups)} ops, {pre} already quantized"
+    return (f"{len(accepted)} linears quantized in {len(groups)} ops, {pre} already quantized, "
+            f"{left_float} other matmuls against parameters left float")
 
 
 def _importance(ctx: PassContext, site: LinearSite, plan: LinearPlan):
@@ -105,6 +138,18 @@ def _quantize_group(ctx: PassContext, members, importances) -> object:
     return lowering.pack(fmt.cat(weights) if len(weights) > 1 else weights[0], ctx.device)
 
 
+def _unique_input_name(graph: fx.Graph, base: str, keys) -> str:
+    """`base`, or `base_2`, ...: the prefix of new inputs `{prefix}_{key}` that no placeholder has
+    (a layer called on several inputs, or one parameter read by several matmuls, adds its packed
+    weights once per op, and placeholder names must differ)."""
+    taken = {n.target for n in graph.nodes if n.op == "placeholder"}
+    name, i = base, 1
+    while any(f"{name}_{k}" in taken for k in keys):
+        i += 1
+        name = f"{base}_{i}"
+    return name
+
+
 def _rewrite(graph: fx.Graph, ctx: PassContext, members, first: fx.Node) -> list[fx.Node]:
     """Replace the members' matmuls by one op; returns the nodes only they read (weight transposes)."""
     params = tuple(ctx.values[site.weight] for site, _ in members)
@@ -113,12 +158,12 @@ def _rewrite(graph: fx.Graph, ctx: PassContext, members, first: fx.Node) -> list
     importances = [_importance(ctx, site, plan) for site, plan in members]
     packed = ctx.store.get(params, key, lambda: _quantize_group(ctx, members, importances))
     x = members[0][0].x
-    base = "qc_" + members[0][1].path.replace(".", "_")
+    base = _unique_input_name(graph, "qc_" + members[0][1].path.replace(".", "_"), packed.tensors)
     inputs = [ctx.add_input(graph, f"{base}_{name}", t) for name, t in packed.tensors.items()]
     with graph.inserting_before(first):
         y = graph.call_function(packed.op, (x, *inputs, *packed.consts))
         offset = 0
-        fused_with = [p.path.rsplit(".", 1)[-1] for _, p in members]
+        fused_with = [s.weight_name or p.path.rsplit(".", 1)[-1] for s, p in members]
         for site, plan in members:
             out = y
             if len(members) > 1:
@@ -129,7 +174,7 @@ def _rewrite(graph: fx.Graph, ctx: PassContext, members, first: fx.Node) -> list
             site.node.replace_all_uses_with(out)
             notes = ["one op for " + "+".join(fused_with)] if len(members) > 1 else []
             share = plan.out_features / packed.out_features
-            _record(ctx, plan, str(packed.op.name()), int(packed.nbytes * share), notes)
+            _record(ctx, plan, str(packed.op.name()), int(packed.nbytes * share), notes, site.weight_name)
     orphaned = []
     for site, _ in members:
         orphaned += site.node.all_input_nodes

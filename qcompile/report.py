@@ -20,6 +20,12 @@ class LinearReport:
     notes: list[str] = field(default_factory=list)
     float_bytes: int = 0
     quant_bytes: int | None = None
+    weight: str | None = None    # the parameter's name in the module when not `weight` (MoE experts: "gate_up_proj")
+
+    @property
+    def name(self) -> str:
+        """The layer as the report lists it: its path, and the parameter when it is not `weight`."""
+        return ".".join(p for p in (self.path, self.weight) if p)
 
 
 @dataclass
@@ -68,11 +74,12 @@ class Report:
 
     @property
     def linears(self) -> list[LinearReport]:
-        """Each layer once (a layer seen in several graphs, e.g. prefill and decode, is listed once)."""
-        seen: dict[str, LinearReport] = {}
+        """Each decision on a layer's weight once (a layer seen in several graphs, e.g. prefill and
+        decode, is listed once; a parameter one matmul quantizes and another reads in float, twice)."""
+        seen: dict[tuple, LinearReport] = {}
         for g in self.graphs:
             for lin in g.linears:
-                seen.setdefault(lin.path, lin)
+                seen.setdefault((lin.path, lin.weight, lin.op, lin.reason), lin)
         return list(seen.values())
 
     @property
@@ -106,13 +113,13 @@ class Report:
         lines.append(f"{s['quantized']}/{s['linears']} linears quantized across {s['graphs']} graph(s); "
                      + (f"their weights {s['float_bytes_of_quantized'] / 2**20:.1f} MiB -> "
                         f"{s['quant_bytes'] / 2**20:.1f} MiB ({s['ratio']:.3f}x)" if s['ratio'] else "no weights changed"))
-        width = max([len(x.path) for x in self.linears] + [6])
+        width = max([len(x.name) for x in self.linears] + [6])
         lines.append(f"{'layer':<{width}}  {'shape':>11}  {'op':<24}  reason")
         for x in self.linears:
             shape = f"{x.out_features}x{x.in_features}"
             op = (x.op or "- (float)").replace("qcompile::", "")
             note = f"  [{'; '.join(x.notes)}]" if x.notes else ""
-            lines.append(f"{x.path:<{width}}  {shape:>11}  {op:<24}  {x.reason}{note}")
+            lines.append(f"{x.name:<{width}}  {shape:>11}  {op:<24}  {x.reason}{note}")
         if self.attention:
             lines.append(f"attention: {s['attention_rewritten']}/{s['attention_sites']} sites rewritten across "
                          f"{s['graphs']} graph(s)")
