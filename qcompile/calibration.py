@@ -356,6 +356,12 @@ def collect_float_targets(float_block: nn.Module, block: nn.Module, names: list[
     return hessians, cross
 
 
+# Ridge of the float-target refit, as a fraction of H's mean diagonal: kept apart from GPTQ's
+# damping, since the refit solves a full least-squares problem that overfits the calibration windows
+# with the light damping GPTQ's own solve wants (0.01 made tiny models worse than no refit).
+REFIT_DAMP = 0.3
+
+
 def refit_to_float_outputs(w: Tensor, cross: Tensor, h: Tensor, damp_percent: float) -> Tensor:
     """argmin_W* ||W X_float − W* X_quant||² + λ||W* − W||² = W + W (C − H)(H + λI)⁻¹, with λ
     GPTQ's damping (the ridge pulls toward W, so W* = W when the inputs agree). Up to the ridge,
@@ -527,7 +533,7 @@ def quantize_with_calibration(model: nn.Module, config: GPTQConfig | GANQConfig,
     replay = None
     try:
         inputs = capture_block_inputs(model, blocks[0], batches)
-        float_targets = getattr(config, "float_targets", False)
+        float_targets = config.uses_float_targets
         float_inputs = [BlockInput(inp.hidden, inp.args, inp.kwargs) for inp in inputs] if float_targets else []
         order = None
         for i, block in enumerate(tqdm(blocks, desc=config.method, unit="block", disable=not progress)):
@@ -559,7 +565,7 @@ def quantize_with_calibration(model: nn.Module, config: GPTQConfig | GANQConfig,
                     weights = [lins[n][1] for n in members]
                     for n, w in zip(members, weights):
                         if n in cross:
-                            w.copy_(refit_to_float_outputs(w, cross[n], hessians[n].h, config.damp_percent))
+                            w.copy_(refit_to_float_outputs(w, cross[n], hessians[n].h, REFIT_DAMP))
                             plans[n].notes.append("fitted to the float model's outputs (float_targets)")
                     results = fit_layers(config, hessians[members[0]].h, weights, [plans[n] for n in members],
                                          prefix + members[0])

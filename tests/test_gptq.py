@@ -245,7 +245,7 @@ def test_quantize_with_calibration_then_compile_equals_dequantized_float_model(t
     assert torch.equal(mlp.gate_proj.perm, mlp.up_proj.perm)  # shared input -> shared order (fusable)
     lins = {x.path: x for x in model.qcompile_report.linears}
     assert len(lins) == 15 and all(x.op for x in lins.values())
-    assert lins["model.layers.1.mlp.down_proj"].reason == "4-bit g32 asym, gptq, act_order, clip search, damp 0.3"
+    assert lins["model.layers.1.mlp.down_proj"].reason == "4-bit g32 asym, gptq, act_order, clip search, damp 0.01"
     assert lins["lm_head"].op == "qcompile::int8_mm"
     compiles_like_dequantized_and_round_trips(model, float_model, torch.randint(0, 256, (2, 24)), tmp_path)
 
@@ -363,13 +363,15 @@ def test_float_targets_bring_the_quantized_model_closer_to_the_float_one():
 def test_gpt2_blocks_and_conv1d_layers():
     model = tiny_gpt2()
     float_model = copy.deepcopy(model)
+    # 8 windows: too few to hold any out, so the held-out check (random tokens favour round to
+    # nearest at 3 bits on this random model) stays out of a test of GPTQ on Conv1D layers
     qcompile.quantize(model, GPTQConfig(bits=3, group_size=None, act_order=False),
-                      calibration=calibration_ids(), progress=False)
+                      calibration=calibration_ids(n=8), progress=False)
     lins = model.qcompile_report.linears
     assert [x.path for x in lins if x.path.startswith("transformer.h.0.")] == \
         ["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj", "transformer.h.0.mlp.c_fc",
          "transformer.h.0.mlp.c_proj"]
-    assert all(x.op for x in lins) and "3-bit per channel sym, gptq, clip search, damp 0.3" == lins[0].reason
+    assert all(x.op for x in lins) and "3-bit per channel sym, gptq, clip search, damp 0.01" == lins[0].reason
     ids = torch.randint(0, 256, (1, 16))
     ref = copy.deepcopy(float_model)
     for path, mod in model.named_modules():
@@ -498,7 +500,7 @@ def test_config_registered_round_trips_and_is_refused_where_no_data_is_seen():
 def test_smollm2_w4_g64_act_order_perplexity(smollm2_loader, gpl3_ids):
     model, _ = smollm2_loader()
     qcompile.quantize(model, GPTQConfig(bits=4, group_size=64, sym=False, act_order=True), progress=False)
-    assert model.qcompile_report.linears[0].reason == "4-bit g64 asym, gptq, act_order, clip search, damp 0.3"
+    assert model.qcompile_report.linears[0].reason == "4-bit g64 asym, gptq, act_order, clip search, damp 0.01"
     from qcompile.evaluate import perplexity
 
     ppl = perplexity(model, ids=gpl3_ids, progress=False)
