@@ -5,8 +5,8 @@ permute, mm, ``x @ W`` stored [in, out], einsum either way round) is rewritten i
 each form no rewrite takes (3-D expert parameters, an indexed or reshaped weight, a parameter as the
 first operand, an unusual einsum, a buffer) is listed with its reason and computes what eager does;
 (b) tiny random transformers models whose code multiplies by parameters directly (Falcon's
-``x @ weight.T``, GPT-2's Conv1D, MoE experts through grouped_mm / bmm / indexing, XLNet's einsums,
-MobileBERT's concatenated decoder weight): every matmul parameter is in the report, and the logits
+``x @ weight.T``, GPT-2's Conv1D, MoE experts through grouped_mm / bmm / indexing, DeepSeek-V4's
+reshaped grouped weight, XLNet's einsums, MobileBERT's concatenated decoder weight): every matmul parameter is in the report, and the logits
 match the float model with the quantized weights replaced by their dequantization.
 """
 from __future__ import annotations
@@ -219,6 +219,13 @@ ARCHITECTURES = {
     "qwen2_moe": ("qwen2_moe", "AutoModelForCausalLM", dict(_LLM, num_experts=4, num_experts_per_tok=2,
                                                             moe_intermediate_size=128, shared_expert_intermediate_size=256),
                   {}, False, ["grouped matmul (grouped_mm)"]),
+    # DeepseekV4GroupedLinear: o_a_proj.weight.view(groups, ...).transpose(1, 2) under a bmm; hash-routed experts
+    "deepseek_v4": ("deepseek_v4", "AutoModelForCausalLM",
+                    dict(_LLM, head_dim=32, n_routed_experts=4, num_experts_per_tok=2,
+                         n_shared_experts=1, q_lora_rank=64, qk_rope_head_dim=32, sliding_window=16,
+                         layer_types=["heavily_compressed_attention"] * 2, mlp_layer_types=["hash_moe"] * 2), {},
+                    False, ["the weight operand is o_a_proj.weight.view(...).transpose(1, 2), computed from the parameter",
+                            "grouped matmul (grouped_mm) against a 3-D parameter [4, 512, 128] as gate_up_proj"]),
     # einsum("ibh,hnd->ibnd", h, self.q) on 3-D [d_model, heads, head_dim] parameters, seg_embed likewise
     "xlnet": ("xlnet", "AutoModelForCausalLM", dict(vocab_size=256, d_model=128, n_layer=2, n_head=4, d_inner=256), {},
               False, ["einsum 'ibh,hnd->ibnd' against a 3-D parameter [128, 4, 32]",
