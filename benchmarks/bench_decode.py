@@ -32,8 +32,8 @@ if "--warm-cache" not in sys.argv:
 import torch
 
 import qcompile
-from qcompile.evaluate import model_bytes
-from qcompile.models import load_model
+from qcompile.tools.evaluate import model_bytes
+from qcompile.tools.models import load_model
 
 RESULTS = Path(__file__).parent / "results"
 PROMPT = "The history of the Roman Empire is"

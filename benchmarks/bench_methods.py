@@ -3,7 +3,7 @@ GANQ against float32 and round to nearest, on the development set's report split
 
     python benchmarks/bench_methods.py [--only SUBSTRING ...] [--all] [--save DIR]
 
-Perplexity: `qcompile.devset` report split (52 windows of 512 tokens from 9 documents of 3 kinds),
+Perplexity: `qcompile.tools.devset` report split (52 windows of 512 tokens from 9 documents of 3 kinds),
 exp(mean NLL) ± its standard error over windows; "vs float32" is paired over the same windows
 (exp of the mean NLL difference ± its standard error). Every quantized row keeps the default int8
 per-channel lm_head, so rows differ only in the 210 decoder linears. Round to nearest is the
@@ -31,10 +31,11 @@ from pathlib import Path
 import torch
 
 import qcompile
-from qcompile import GANQConfig, GPTQConfig, RTNConfig, devset
-from qcompile.evaluate import Perplexity, window_nll
+from qcompile import GANQConfig, GPTQConfig, RTNConfig
+from qcompile.tools import devset
+from qcompile.tools.evaluate import Perplexity, window_nll
 from qcompile.methods import gptq, plan_linear, quantize_linear
-from qcompile.models import load_model
+from qcompile.tools.models import load_model
 from qcompile.quantize import install, linear_modules, untie
 from qcompile.report import GraphReport, Report
 
@@ -174,7 +175,7 @@ def write(results: list[dict]) -> None:
         "# Quantization methods on SmolLM2-135M-Instruct (CPU)",
         "",
         f"`python benchmarks/bench_methods.py` on {platform.machine()}, {torch.get_num_threads()} threads, torch "
-        f"{torch.__version__}. Perplexity on the development set's report split (`qcompile.devset`: "
+        f"{torch.__version__}. Perplexity on the development set's report split (`qcompile.tools.devset`: "
         f"{len(base['nll']) if base else '-'} windows of 512 tokens, 9 documents: licences, Python docs, Debian "
         "project docs) ± standard error over windows; \"vs float32\" is paired over the same windows. All "
         "quantized rows: int8 per-channel lm_head (also read by the tied embedding), bf16 scales; round to "

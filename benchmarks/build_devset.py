@@ -2,7 +2,7 @@
 
 Run on a Debian machine with `python3.11-doc doc-debian debian-reference-en` installed (and
 base-files' /usr/share/common-licenses). Each document is cut, at a paragraph break, just after
-the text its windows need with SmolLM2's tokenizer (plus a margin); `qcompile.devset` then reads
+the text its windows need with SmolLM2's tokenizer (plus a margin); `qcompile.tools.devset` then reads
 windows from the start of each excerpt. Splits, kinds and window caps are fixed here, before any
 method was measured on them:
 
@@ -75,7 +75,7 @@ def excerpt(text: str, tokenizer, n_tokens: int) -> str:
 def main():
     from transformers import AutoTokenizer
 
-    from qcompile.models import _smollm2_dir
+    from qcompile.tools.models import _smollm2_dir
 
     tok = AutoTokenizer.from_pretrained(_smollm2_dir())
     out = Path(__file__).parents[1] / "qcompile" / "data" / "dev"

@@ -4,7 +4,7 @@
         [--damps 0.01 0.1 0.3] [--float-targets 0 1] [--nsamples 32] [--seqlen 512]
 
 For each grid (bits:group, pc = per channel; asymmetric, act_order, clip search) and each setting,
-quantizes SmolLM2-135M with GPTQ and measures perplexity on the tune split (`qcompile.devset`, 28
+quantizes SmolLM2-135M with GPTQ and measures perplexity on the tune split (`qcompile.tools.devset`, 28
 windows of 512 tokens from 6 documents of 3 kinds). Calibration is either the text that ships
 with qcompile ("shipped": what a user gets who passes none) or the calib split ("calib": text a
 user passes, of the same kinds as the evaluation text, other documents). Each row also gives the
@@ -22,9 +22,10 @@ from pathlib import Path
 import torch
 
 import qcompile
-from qcompile import GPTQConfig, devset
-from qcompile.evaluate import Perplexity, window_nll
-from qcompile.models import load_model
+from qcompile import GPTQConfig
+from qcompile.tools import devset
+from qcompile.tools.evaluate import Perplexity, window_nll
+from qcompile.tools.models import load_model
 
 OUT = Path(__file__).parent / "results"
 JSON = OUT / "tune_gptq.json"

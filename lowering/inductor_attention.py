@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from qcompile import _compat
-from qcompile.attention_ops import gqa_attention_sdpa
+from qcompile.ops.attention import gqa_attention_sdpa
 
 OP = torch.ops.qcompile.gqa_attention_kernel.default
 _registered = False

@@ -13,7 +13,7 @@ its partial (max, sum, unnormalised output) and `combine_splits_kernel` merges t
 
 Layout follows triton_int4.py: kernels, configs beside them, a thin launcher
 (`gqa_attention_triton`), and the float64 reference for tests
-(`qcompile.attention_ops.gqa_attention_reference`).
+(`qcompile.ops.attention.gqa_attention_reference`).
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from qcompile.attention_ops import check_attention_inputs, gqa_attention_sdpa
+from qcompile.ops.attention import check_attention_inputs, gqa_attention_sdpa
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from qcompile.attention_ops import GQA_ATTENTION
+from qcompile.ops.attention import GQA_ATTENTION
 from qcompile.report import AttentionReport
 
 from .analysis import module_path, shape_of

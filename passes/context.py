@@ -51,6 +51,11 @@ class PassContext:
     new_inputs: list[torch.Tensor] = field(default_factory=list)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     path_prefix: str = ""             # the graph's root module inside the compiled one (analysis.root_prefix)
+    # how to remake new inputs from other values of the graph's own inputs: (placeholders read,
+    # remake(values: placeholder -> tensor) -> tensors), one per group of new inputs, in order.
+    # Dynamo reuses a graph for every module sharing its code (a graph break inside a decoder
+    # layer compiles the rest of that layer once for all layers), with other parameters.
+    remakes: list = field(default_factory=list)
 
     def add_input(self, graph: fx.Graph, name: str, tensor: torch.Tensor) -> fx.Node:
         """A new graph input (appended after the existing ones) that will be fed `tensor`."""

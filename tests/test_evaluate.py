@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import qcompile
-from qcompile import RTNConfig, evaluate
-from qcompile.cli import main
-from qcompile.models import load_model
+from qcompile import RTNConfig
+from qcompile.tools import evaluate
+from qcompile.tools.cli import main
+from qcompile.tools.models import load_model
 from tests.conftest import save_tiny_model, tiny_llama, tiny_tokenizer
 
 TEXT = " ".join(f"Sentence {i} says that the quick brown fox jumps over {i % 7} lazy dogs." for i in range(40))
@@ -132,8 +133,7 @@ def test_spread_is_the_standard_error_over_windows_and_the_ratio_is_paired():
     f = evaluate.Perplexity(torch.tensor([2.0, 3.0, 4.0], dtype=torch.float64))
     q = evaluate.Perplexity(torch.tensor([2.1, 3.3, 4.2], dtype=torch.float64))
     assert math.isclose(f.ppl, math.exp(3.0)) and math.isclose(f.se, math.exp(3.0) * 1.0 / math.sqrt(3))
-    d = [0.1, 0.3, 0.2]  # mean 0.2, sample std 0.1
-    r, se = q.ratio_to(f)
+    r, se = q.ratio_to(f)  # differences 0.1, 0.3, 0.2: mean 0.2, sample std 0.1
     assert math.isclose(r, math.exp(0.2)) and math.isclose(se, math.exp(0.2) * 0.1 / math.sqrt(3))
     assert se < q.se / q.ppl  # pairing removes the windows' own spread
     with pytest.raises(ValueError, match="different windows"):

@@ -173,7 +173,7 @@ def test_quantize_with_ganq_config_compiles_saves_and_reports_tables(tmp_path):
 
     import qcompile
     from qcompile import GANQConfig
-    from qcompile.calibration import collect_hessians, capture_block_inputs, _batches
+    from qcompile.methods.calibration import collect_hessians, capture_block_inputs, _batches
     from tests.conftest import tiny_llama
     from tests.test_gptq import calibration_ids, compiles_like_dequantized_and_round_trips
 

@@ -9,7 +9,7 @@ import torch
 
 import qcompile
 from qcompile import GPTQConfig, RTNConfig, lowering
-from qcompile import calibration as calib
+from qcompile.methods import calibration as calib
 from qcompile.methods import gptq
 from qcompile.modules import QuantLinear
 from tests.conftest import tiny_gpt2, tiny_llama
@@ -455,7 +455,7 @@ def test_calibration_accepts_texts_ids_and_lists_and_rejects_the_rest():
 
 
 def test_default_calibration_text_ships_and_is_not_the_evaluation_text():
-    from qcompile import devset
+    from qcompile.tools import devset
 
     root = Path(__file__).parents[1]
     assert calib.DEFAULT_TEXT.is_file()
@@ -501,7 +501,7 @@ def test_smollm2_w4_g64_act_order_perplexity(smollm2_loader, gpl3_ids):
     model, _ = smollm2_loader()
     qcompile.quantize(model, GPTQConfig(bits=4, group_size=64, sym=False, act_order=True), progress=False)
     assert model.qcompile_report.linears[0].reason == "4-bit g64 asym, gptq, act_order, clip search, damp 0.01"
-    from qcompile.evaluate import perplexity
+    from qcompile.tools.evaluate import perplexity
 
     ppl = perplexity(model, ids=gpl3_ids, progress=False)
     print(f"GPTQ W4 g64 act_order perplexity {ppl:.2f} on the GPL-3's first 1024 tokens")

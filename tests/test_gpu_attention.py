@@ -49,7 +49,7 @@ def test_prefill_causal_kernel_matches_float64(shape, dtype):
 
 
 def test_masks_and_alibi_on_gpu():
-    from qcompile.attention_ops import alibi_slopes
+    from qcompile.ops.attention import alibi_slopes
     from qcompile.lowering.triton_attention import gqa_attention_triton
 
     q, k, v = _inputs(2, 12, 4, 1, 777, 64, torch.float16)

@@ -120,3 +120,25 @@ def test_source_expressions_become_paths_relative_to_the_root_module(source, pat
     from qcompile.passes.analysis import _clean_path
 
     assert _clean_path(source) == path
+
+
+@pytest.mark.parametrize("inductor", [False, True])
+def test_a_graph_shared_by_layers_uses_each_layers_own_weights(inductor):
+    # A graph break inside every MLP: Dynamo compiles the rest of an MLP's forward once and calls
+    # that graph for all layers with their own parameters. Each layer must compute with its own
+    # quantized weights (once, layers 1 and 2 silently ran with layer 0's) and be in the report.
+    from tests.test_backend import MINMAX, close_logits, fake_quantized
+
+    model = tiny_llama(num_hidden_layers=3)
+    for layer in model.model.layers:
+        layer.mlp.register_forward_pre_hook(lambda m, a: torch._dynamo.graph_break())
+    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
+    reports = []
+    with torch.no_grad():
+        out = torch.compile(model, backend=qcompile.Backend(MINMAX, inductor=inductor, reports=reports))(ids).logits
+        ref = fake_quantized(model)(ids).logits
+    assert close_logits(out, ref)
+    paths = {x.path for r in reports for x in r.linears if x.op}
+    assert {f"model.layers.{i}.mlp.{n}" for i in range(3) for n in ("gate_proj", "up_proj", "down_proj")} <= paths
+    shared = [x for r in reports for x in r.linears if x.path == "model.layers.2.mlp.down_proj"]
+    assert any("same compiled graph as model.layers.0.mlp.down_proj" in n for n in shared[0].notes)

@@ -8,7 +8,7 @@ import torch
 
 import qcompile
 from qcompile.modules import QuantEmbedding, QuantLinear
-from qcompile.serialization import CheckpointError
+from qcompile.formats.checkpoint import CheckpointError
 from tests.conftest import tiny_gpt2, tiny_llama
 
 

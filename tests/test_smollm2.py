@@ -4,7 +4,7 @@ import torch
 
 import qcompile
 from qcompile import RTNConfig
-from qcompile.evaluate import perplexity
+from qcompile.tools.evaluate import perplexity
 
 pytestmark = pytest.mark.slow
 PROMPT = "The history of the Roman Empire is"

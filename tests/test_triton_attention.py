@@ -32,7 +32,7 @@ def _inputs(b, hq, hkv, L, S, d, dv, dtype, seed=0):
 
 
 def _tolerance(q, k, v, attn_mask, slopes, positions, scale, is_causal):
-    from qcompile.attention_ops import attention_bias, gqa_attention_reference
+    from qcompile.ops.attention import attention_bias, gqa_attention_reference
 
     b, hq, L, d = q.shape
     hkv, S = k.shape[1], k.shape[2]
@@ -66,7 +66,7 @@ def _run(name, q, k, v, mask=None, slopes=None, positions=None, scale=None, caus
 
 def _decode_cases():
     """One query position against a cache: every decode config, 1 and 3 key splits, G = 3 / 8 / 1."""
-    from qcompile.attention_ops import alibi_slopes
+    from qcompile.ops.attention import alibi_slopes
     from qcompile.lowering import triton_attention as ta
 
     for hq, hkv in ((6, 2), (8, 1), (4, 4)):
@@ -83,7 +83,7 @@ def _decode_cases():
 
 def _prefill_cases():
     """Causal prefill with every prefill config; masks (bool, float, broadcast), ALiBi, Dv != D."""
-    from qcompile.attention_ops import alibi_slopes
+    from qcompile.ops.attention import alibi_slopes
     from qcompile.lowering import triton_attention as ta
 
     q, k, v = _inputs(1, 4, 2, 40, 40, 32, 32, torch.float32)
@@ -100,7 +100,7 @@ def _prefill_cases():
 
 
 def _dtype_cases():
-    from qcompile.attention_ops import alibi_slopes
+    from qcompile.ops.attention import alibi_slopes
 
     for dtype in (torch.float16, torch.bfloat16):
         q, k, v = _inputs(1, 9, 3, 1, 50, 64, 64, dtype)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _compat
+from .. import _compat
 
 _lib = torch.library.Library("qcompile", "FRAGMENT")
 _SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor? attn_mask=None, Tensor? alibi_slopes=None, "

@@ -24,12 +24,12 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .config import GANQConfig, GPTQConfig, is_output_head
-from .methods import ganq, gptq, plan_linear, quantize_linear
-from .modules import float_report, install, linear_modules, untie
-from .report import GraphReport, LinearReport, Report
+from ..config import GANQConfig, GPTQConfig, is_output_head
+from . import ganq, gptq, plan_linear, quantize_linear
+from ..modules import float_report, install, linear_modules, untie
+from ..report import GraphReport, LinearReport, Report
 
-DEFAULT_TEXT = Path(__file__).parent / "data" / "calibration.txt"
+DEFAULT_TEXT = Path(__file__).parents[1] / "data" / "calibration.txt"
 
 
 def default_text() -> str:
@@ -57,7 +57,7 @@ def _tokenize(text: str, tokenizer) -> Tensor:
 
 def model_tokenizer(model: nn.Module):
     """The tokenizer saved beside a Hugging Face model loaded from a local folder (as
-    `qcompile.models.load_model` loads them)."""
+    `qcompile.tools.models.load_model` loads them)."""
     path = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", "")
     if path and Path(path).is_dir():
         from transformers import AutoTokenizer
@@ -66,7 +66,7 @@ def model_tokenizer(model: nn.Module):
             return AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError) as e:
             raise ValueError(f"no tokenizer loads from the model's folder {path}: pass tokenizer=") from e
-    raise ValueError("calibration texts need a tokenizer: pass tokenizer= (qcompile.models.load_model "
+    raise ValueError("calibration texts need a tokenizer: pass tokenizer= (qcompile.tools.models.load_model "
                      "returns it beside the model), or give calibration= as token ids")
 
 
@@ -468,7 +468,7 @@ def check_against_rtn(model: nn.Module, fallback: dict, heldout: list[Tensor], e
     windows; if round to nearest is better, keep it instead and warn (never a silently worse model)."""
     import warnings
 
-    from . import lowering
+    from .. import lowering
 
     gptq_nll = heldout_nll(model, heldout)
     mods = {p: model.get_submodule(p) for p in fallback}

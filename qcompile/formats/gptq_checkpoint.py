@@ -17,11 +17,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from . import lowering
-from .errors import CheckpointError
-from .formats import Int4Weight, gptq_hf
-from .modules import QuantEmbedding, QuantLinear
-from .modules import _set_module, linear_modules
+from .. import lowering
+from ..errors import CheckpointError
+from . import Int4Weight, gptq_hf
+from ..modules import QuantEmbedding, QuantLinear, _set_module, linear_modules
 
 INDEX_FILE = "model.safetensors.index.json"
 TENSORS_FILE = "model.safetensors"

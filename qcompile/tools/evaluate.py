@@ -7,7 +7,7 @@ length, so this is the per-token mean). The spread is the standard error over wi
 method for the perplexity). A quantized model is compared to float on the same windows, pairwise:
 ratio = exp(mean(NLL_q − NLL_f)) ± its standard error, which is much tighter than the two
 perplexities' own spreads. By default the windows are the development set's "report" split
-(`qcompile.devset`, 26.6k tokens of three kinds of English documentation); a text of your own is
+(`qcompile.tools.devset`, 26.6k tokens of three kinds of English documentation); a text of your own is
 cut into non-overlapping windows (the remainder dropped).
 """
 from __future__ import annotations
@@ -86,7 +86,7 @@ def perplexity(model, tokenizer=None, text: str | list[str] | None = None, *, id
                seqlen: int = 512, max_tokens: int | None = None, progress: bool = True,
                desc: str = "perplexity") -> float:
     """exp(mean NLL) of `model` over windows: `ids` [n, seqlen] (n > 1: used as they are, e.g.
-    `qcompile.devset.windows(tok)`), or non-overlapping `seqlen` windows of token `ids` [1, T] or of
+    `qcompile.tools.devset.windows(tok)`), or non-overlapping `seqlen` windows of token `ids` [1, T] or of
     `text` (a list of texts is joined with blank lines) — the first `max_tokens`, remainder dropped.
     See `window_nll` for the spread."""
     if ids is None:
@@ -104,7 +104,7 @@ def resolve_quantization(spec: str):
     `qcompile.config.CONFIGS` ("rtn", ...) with its defaults; an existing directory: a checkpoint
     (qcompile's or Hugging Face GPTQ) for the same architecture.
     """
-    from .config import CONFIGS, RTNConfig
+    from ..config import CONFIGS, RTNConfig
 
     if Path(spec).is_dir():
         return "checkpoint", Path(spec)
@@ -120,7 +120,7 @@ def resolve_quantization(spec: str):
 
 def model_bytes(model) -> dict:
     """Bytes of all tensors (shared ones once) and of the linear layers' weights."""
-    from .modules import QuantLinear
+    from ..modules import QuantLinear
 
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
@@ -141,7 +141,7 @@ def compare(model_name: str, quantization: str = "default", *, text: str | None 
             max_tokens: int | None = None, compile: bool = False, progress: bool = True,
             results: dict | None = None) -> dict:
     """Perplexity and weight bytes of `model_name` in float and quantized (`resolve_quantization`),
-    on the same windows: the development set's report split (`qcompile.devset`), or `text` (the
+    on the same windows: the development set's report split (`qcompile.tools.devset`), or `text` (the
     first `max_tokens`). `compile` runs the quantized model through torch.compile(backend=qcompile).
     Rows land in `results` as they finish, so a caller interrupted by Ctrl-C keeps the rows done.
     Returns {"float": row, "quantized": row, "ratio": (r, se), "tokens", "windows", "text", ...},
@@ -228,7 +228,7 @@ def format_comparison(results: dict, model_name: str, seqlen: int) -> str:
     return "\n".join(lines)
 
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 
 
 def sentences(which: str = "heldout") -> list[str]:

@@ -1,6 +1,6 @@
 """The main job: the default model in float32 and through qcompile, side by side.
 
-For each: greedy generation, perplexity on the development set's report split (`qcompile.devset`),
+For each: greedy generation, perplexity on the development set's report split (`qcompile.tools.devset`),
 decode tokens/s, weight bytes.
 Run it with ``qcompile demo`` (see README).
 """
@@ -14,7 +14,7 @@ import torch
 from . import devset
 from .evaluate import Perplexity, model_bytes, window_nll
 from .models import load_model
-from .quantize import quantize
+from ..quantize import quantize
 
 PROMPT = "The history of the Roman Empire is"
 

@@ -10,7 +10,7 @@ Debian project documents; `manifest.json` gives each one's source and licence, a
 - ``"calib"`` (6 documents, 32 windows): stands in for the calibration text a user passes.
 
 None of them shares text with the calibration text that ships with qcompile
-(`qcompile.calibration.default_text`). Windows never cross documents: each document gives its
+(`qcompile.methods.calibration.default_text`). Windows never cross documents: each document gives its
 first ``min(max_windows, tokens // seqlen)`` windows.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-DEV_DIR = Path(__file__).parent / "data" / "dev"
+DEV_DIR = Path(__file__).parents[1] / "data" / "dev"
 SPLITS = ("report", "tune", "calib")
 
 

