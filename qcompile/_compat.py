@@ -156,7 +156,12 @@ def sdpa_has_enable_gqa() -> bool:
 
 def register_inductor_decomposition(op, fn) -> None:
     """Add `fn` to Inductor's decomposition table for `op` (fn may return NotImplemented to keep the op).
-    torch._inductor.decomposition.register_decomposition in 2.11 and 2.13."""
+    torch._inductor.decomposition.register_decomposition in 2.11 and 2.13. Where fn keeps the op
+    (another device), Inductor calls it as an extern kernel: that fallback is registered here, since
+    Inductor refuses to make one on the fly for an op that has a decomposition ("both a fallback
+    and a decomp for same op", seen on CUDA)."""
     from torch._inductor.decomposition import register_decomposition
+    from torch._inductor.lowering import make_fallback
 
     register_decomposition(op)(fn)
+    make_fallback(op, warn=False, override_decomp=True)
