@@ -273,6 +273,8 @@ def test_architecture_matmuls_are_quantized_or_reported(arch):
 
     model_type, auto, cfg, kwargs, inductor, forms = ARCHITECTURES[arch]
     torch.manual_seed(0)
+    if model_type not in transformers.CONFIG_MAPPING:  # newer than the oldest supported transformers
+        pytest.skip(f"transformers {transformers.__version__} has no {model_type!r} architecture")
     config = transformers.AutoConfig.for_model(model_type, **cfg)
     model = getattr(transformers, auto).from_config(config, **kwargs).eval()
     ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(1))
