@@ -2,6 +2,7 @@
 
     python benchmarks/bench_kernels.py            # CPU here; the same script on a CUDA machine
     python benchmarks/bench_kernels.py --lut      # CUDA: adds a column for the LUT-mpGEMM kernel
+    python benchmarks/bench_kernels.py --shapes 4096 --batches 1 16   # a subset (substring of the names)
 
 CPU:  qcompile's int4 kernel op (as compiled graphs call it; float32 compute) vs float32 and bf16
       `F.linear`, and torch's own CPU int4 kernel (`_weight_int4pack_mm_for_cpu`, bf16 only).
@@ -115,6 +116,19 @@ def bench_cuda(n, k, m, lut=False):
     return times
 
 
+def cuda_floors(rows) -> list[str]:
+    """The GPU floors on the Llama-7B shapes: int4 >= 2.5x fp16 at M = 1, >= 1.5x at M = 16,
+    >= 1.0x for every M <= 64."""
+    out = []
+    for label, m, t in rows:
+        if "x" not in label or label.startswith(("576", "1536", "49152")):
+            continue
+        speedup = t["fp16"] / t["int4"]
+        floor = 2.5 if m == 1 else 1.5 if m == 16 else 1.0
+        out.append(f"{label} M={m}: {speedup:.2f}x (floor {floor}x) {'met' if speedup >= floor else 'MISSED'}")
+    return out
+
+
 def int4_bytes(n, k, m, group=64) -> int:
     """The fewest bytes an int4 matmul moves: packed codes, fp16 scales and zeros, x and y in fp16."""
     return n * k // 2 + 2 * 2 * n * (k // group) + 2 * m * (k + n)
@@ -124,7 +138,10 @@ def int4_bytes(n, k, m, group=64) -> int:
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--lut", action="store_true", help="CUDA: also time the LUT-mpGEMM kernel (qcompile::lut_mm)")
+    parser.add_argument("--shapes", nargs="*", help="only the shapes whose name contains one of these")
+    parser.add_argument("--batches", nargs="*", type=int, default=BATCHES)
     args = parser.parse_args()
+    shapes = {k: v for k, v in SHAPES.items() if not args.shapes or any(s in k for s in args.shapes)}
     cuda = torch.cuda.is_available()
     if args.lut and not cuda:
         print("--lut: the LUT-mpGEMM kernel is CUDA-only here; timing the CPU kernels without it")
@@ -132,8 +149,8 @@ def main():
     name = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
     base = "fp16" if cuda else "fp32"
     rows = []
-    for label, (n, k) in SHAPES.items():
-        for m in BATCHES:
+    for label, (n, k) in shapes.items():
+        for m in args.batches:
             t = bench_cuda(n, k, m, lut=args.lut) if cuda else bench_cpu(n, k, m)
             rows.append((label, m, t))
             print(f"{label:22} M={m:3d} " + "  ".join(f"{v}: {s * 1e6:9.1f} us" for v, s in t.items())
@@ -151,6 +168,8 @@ def main():
                  else f" {int4_bytes(n, k, m, group) / t['int4'] / 1e9:.0f} |")
         lines.append(f"| {label} | {m} | " + " | ".join(f"{t[v] * 1e6:.1f}" for v in variants)
                      + f" | {t[base] / t['int4']:.2f}x |" + extra)
+    if cuda:
+        lines += ["", "Floors (issue 15, Llama-7B shapes): " + "; ".join(cuda_floors(rows))]
     table = "\n".join(lines) + "\n"
     print("\n" + table)
     RESULTS.mkdir(exist_ok=True)
@@ -164,7 +183,7 @@ def main():
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label in SHAPES:
+    for label in shapes:
         pts = [(m, t[base] / t["int4"]) for lab, m, t in rows if lab == label]
         ax.plot(*zip(*pts), marker="o", label=label)
     ax.axhline(1.0, color="gray", lw=0.8, ls="--")

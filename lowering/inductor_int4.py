@@ -6,10 +6,12 @@ after it costs another kernel and a round trip of the output through memory. As 
 fuses pointwise epilogues (bias, SiLU, residual add) into its store.
 
 Choices handed to `autotune_select_algorithm`:
-- default mode: one template choice, the heuristic config for this M (no compile-time benchmarking,
-  the way Inductor treats aten.mm without max-autotune);
-- max-autotune: every config for this M bucket plus an `ExternKernelChoice` that calls the eager,
-  `triton.autotune`d launcher.
+- default mode: one choice, the heuristic config for this M (no compile-time benchmarking, the way
+  Inductor treats aten.mm without max-autotune). That is the template, unless the heuristic splits
+  K (decode sizes): a template program owns its output tile, so there the extern choice, the eager
+  launcher with split-K, runs instead (an unfused epilogue costs less than an idle GPU);
+- max-autotune: every config for this M bucket as a template (one program a tile) plus an
+  `ExternKernelChoice` that calls the eager, `triton.autotune`d launcher (split-K included).
 CPU tensors (and anything the kernel does not serve) keep Inductor's default: a fallback kernel.
 """
 from __future__ import annotations
@@ -185,7 +187,9 @@ def _lower_int4_mm(x, qweight, scales, zeros, group_size):
     m = sympy_product(lead)
     if None not in (n, k, g):
         try:
-            configs = triton_int4.int4_mm_configs(_size_hint(m), k, g)
+            # split-K only for a static M: a symbolic M (dynamic=True) keeps one template for every M
+            configs = triton_int4.int4_mm_configs(_size_hint(m), k, g, n if m.is_number else None,
+                                                  num_sms=triton_tiles.device_limits(x.get_device())["num_sms"])
         except NotImplementedError:
             pass
     if configs is None:  # CPU, or a case the kernel does not serve: Inductor's default fallback
@@ -197,10 +201,15 @@ def _lower_int4_mm(x, qweight, scales, zeros, group_size):
 
     choices = []
     if _template is not None:
-        for c in configs if _max_autotune() else configs[:1]:
+        if _max_autotune():
+            template_configs = configs
+        else:
+            template_configs = configs[:1] if configs[0].split_k == 1 else []
+        for c in template_configs:
+            meta = {key: v for key, v in c.meta().items() if key != "SPLIT_K"}  # one program a tile
             _template.maybe_append_choice(
                 choices, input_nodes=inputs, layout=layout, num_stages=c.num_stages, num_warps=c.num_warps,
-                GROUP_SIZE=g, ALLOW_TF32=torch.backends.cuda.matmul.allow_tf32, **c.meta())
+                GROUP_SIZE=g, ALLOW_TF32=torch.backends.cuda.matmul.allow_tf32, **meta)
     if _max_autotune() or not choices:
         choices.append(_extern.bind(inputs, layout, group_size=g))
     out = _select(choices, inputs, layout)

@@ -7,6 +7,10 @@ repacking:
 Each program computes a [BLOCK_M, BLOCK_N] tile of x @ W.T: it loads a [BLOCK_N, BLOCK_K/2] byte
 tile, splits and interleaves the nibbles to [BLOCK_N, BLOCK_K], dequantizes with the tile's group
 scale/zero and feeds `tl.dot` with fp32 accumulation. Float weights never reach global memory.
+Decode configs (M <= 16) split K over several programs per output tile (`triton_tiles`: the last
+split sums the fp32 partials in a fixed order; one launch, deterministic, CUDA-graph safe): with
+one program per tile, N / BLOCK_N programs are too few to keep the weight streaming (H200 sweep:
+0.5-0.9x fp16 cuBLAS at M = 1-16 without it).
 
 Layout follows Triton's matmul tutorial: the kernel, its autotune configs beside it, a thin
 launcher (`int4_mm_triton`), and a float64 reference for tests (`int4_mm_reference`).
@@ -25,7 +29,7 @@ from torch import Tensor
 
 from qcompile.ops import dequantize_int4
 
-from .triton_tiles import grouped_tile
+from .triton_tiles import device_limits, grouped_tile, split_k_buffers, split_k_for, split_k_range, store_split_k
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -37,10 +41,15 @@ class Int4Config(NamedTuple):
     block_k: int
     num_warps: int
     num_stages: int
+    split_k: int = 1  # programs sharing one output tile's K range
 
     def meta(self) -> dict:
         # GROUP_M: launch order that keeps GROUP_M row-blocks on one weight tile while it is in L2.
-        return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k, "GROUP_M": 8}
+        return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k, "GROUP_M": 8,
+                "SPLIT_K": self.split_k}
+
+    def tiles(self, m: int, n: int) -> int:
+        return triton.cdiv(m, self.block_m) * triton.cdiv(n, self.block_n)
 
     def fits(self, k: int, group_size: int) -> bool:
         """The kernel has no K mask, and indexes scales either once per tile or per k-column."""
@@ -49,10 +58,12 @@ class Int4Config(NamedTuple):
 
 
 # Decode (M <= 16): memory-bound on the weight. tl.dot needs 16 rows, so one 16-row tile; narrow
-# BLOCK_N spreads N over more SMs, long BLOCK_K makes wide loads. No split-K: it would need an fp32
-# scratch buffer and a second pass, and the Inductor template could no longer fuse epilogues.
-# Small BLOCK_K entries serve K or group sizes that are not multiples of 128.
+# BLOCK_N and split-K (chosen per shape by `int4_mm_configs`) spread the weight over every SM, long
+# BLOCK_K makes wide loads (128 B of codes a row at 256). Small BLOCK_K entries serve K or group
+# sizes that are not multiples of 128.
 DECODE_CONFIGS = (
+    Int4Config(16, 32, 256, 4, 4),
+    Int4Config(16, 16, 256, 2, 4),
     Int4Config(16, 32, 128, 2, 4),
     Int4Config(16, 32, 128, 4, 4),  # best single-pass tile on 4096x11008 at M = 1 (H100 sweep)
     Int4Config(16, 64, 128, 4, 4),
@@ -84,21 +95,28 @@ PREFILL_CONFIGS = (
 ALL_CONFIGS = DECODE_CONFIGS + SMALL_BATCH_CONFIGS + PREFILL_CONFIGS
 
 
-def int4_mm_configs(m: int, k: int | None = None, group_size: int | None = None) -> list[Int4Config]:
-    """The configs worth trying for M rows (those whose BLOCK_K fits K and the group size)."""
+def int4_mm_configs(m: int, k: int | None = None, group_size: int | None = None, n: int | None = None, *,
+                    num_sms: int | None = None) -> list[Int4Config]:
+    """The configs worth trying for M rows (those whose BLOCK_K fits K and the group size), best
+    guess first; with N, decode tiles (M <= 16) get the split-K that fills `num_sms` SMs."""
     bucket = DECODE_CONFIGS if m <= 16 else SMALL_BATCH_CONFIGS if m <= 64 else PREFILL_CONFIGS
     if k is None:
         return list(bucket)
     group_size = group_size or k
     configs = [c for c in bucket if c.fits(k, group_size)]
-    if configs:
+    if not configs:
+        for bk in (64, 32, 16):  # odd K: the bucket's first tile with a shorter K step (tl.dot needs 16)
+            if (c := bucket[0]._replace(block_k=bk)).fits(k, group_size):
+                configs = [c]
+                break
+        else:
+            raise NotImplementedError(
+                f"int4_mm Triton kernel: no BLOCK_K in 16..256 divides K={k} and divides or is a multiple "
+                f"of group_size={group_size}")
+    if n is None or bucket is not DECODE_CONFIGS:
         return configs
-    for bk in (64, 32, 16):  # odd K: the bucket's first tile with a shorter K step (tl.dot needs 16)
-        if (c := bucket[0]._replace(block_k=bk)).fits(k, group_size):
-            return [c]
-    raise NotImplementedError(
-        f"int4_mm Triton kernel: no BLOCK_K in 16..256 divides K={k} and divides or is a multiple "
-        f"of group_size={group_size}")
+    num_sms = num_sms or device_limits(torch.device("cpu"))["num_sms"]
+    return [c._replace(split_k=split_k_for(c.tiles(m, n), k, c.block_k, num_sms)) for c in configs]
 
 
 @functools.cache
@@ -107,20 +125,22 @@ def _triton_config(c: Int4Config) -> triton.Config:
 
 
 def _prune(configs, named_args, **kwargs):
-    # triton.autotune starts from ALL_CONFIGS; keep the ones for this M bucket that fit K and g.
-    configs = int4_mm_configs(named_args["M"], named_args["K"], named_args["GROUP_SIZE"])
+    # triton.autotune starts from ALL_CONFIGS; keep this M bucket's that fit K and g, each with its split-K.
+    configs = int4_mm_configs(named_args["M"], named_args["K"], named_args["GROUP_SIZE"], named_args["N"],
+                              num_sms=device_limits(named_args["x_ptr"].device)["num_sms"])
     return [_triton_config(c) for c in configs]
 
 
 # --- the kernel ---------------------------------------------------------------------------------
 @triton.jit
 def int4_mm_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr,
+    x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, partials_ptr, tickets_ptr,
     M, N, K,
     M_BUCKET,  # autotune key only: decode and prefill get different tiles
     stride_xm, stride_xk, stride_qn, stride_sn, stride_om,
     GROUP_SIZE: tl.constexpr, ALLOW_TF32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SPLIT_K,  # not a constexpr: one compile serves every split (triton specializes SPLIT_K == 1)
 ):
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
@@ -130,11 +150,12 @@ def int4_mm_kernel(
     xm = rm % M
     wn = rn % N
     rk = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + xm[:, None] * stride_xm + rk[None, :] * stride_xk
-    q_ptrs = qw_ptr + wn[:, None] * stride_qn + tl.arange(0, BLOCK_K // 2)[None, :]
+    k_lo, k_hi = split_k_range(K, SPLIT_K, BLOCK_K)
+    x_ptrs = x_ptr + xm[:, None] * stride_xm + (k_lo + rk)[None, :] * stride_xk
+    q_ptrs = qw_ptr + wn[:, None] * stride_qn + (k_lo // 2 + tl.arange(0, BLOCK_K // 2))[None, :]
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, K, BLOCK_K):  # the launcher checks K % BLOCK_K == 0
+    for k in range(k_lo, k_hi, BLOCK_K):  # the launcher checks K % BLOCK_K == 0
         x = tl.load(x_ptrs)
         packed = tl.load(q_ptrs)
         # Low nibble is k = 2j, high nibble k = 2j + 1: join on a new minor axis, then flatten.
@@ -158,9 +179,7 @@ def int4_mm_kernel(
         x_ptrs += BLOCK_K * stride_xk
         q_ptrs += BLOCK_K // 2
 
-    out_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :]
-    mask = (rm[:, None] < M) & (rn[None, :] < N)
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    store_split_k(acc, out_ptr, partials_ptr, tickets_ptr, rm, rn, M, N, stride_om, SPLIT_K, BLOCK_M, BLOCK_N)
 
 
 int4_mm_autotuned = triton.autotune(
@@ -198,14 +217,20 @@ def int4_mm_triton(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, gr
         return out
     qweight, scales, zeros = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
 
-    def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+    if config is None:  # (raises NotImplementedError if no tile fits)
+        candidates = int4_mm_configs(m, k, group_size, n, num_sms=device_limits(x.device)["num_sms"])
+    else:
+        candidates = [config]
+    partials, tickets = split_k_buffers(x2, m, n, max(c.split_k for c in candidates),
+                                        max(c.tiles(m, n) for c in candidates))
 
-    args = (x2, qweight, scales, zeros, out2, m, n, k, min(triton.next_power_of_2(m), 1024),
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
+
+    args = (x2, qweight, scales, zeros, out2, partials, tickets, m, n, k, min(triton.next_power_of_2(m), 1024),
             x2.stride(0), x2.stride(1), qweight.stride(0), scales.stride(0), out2.stride(0),
             group_size, torch.backends.cuda.matmul.allow_tf32)
     if config is None:
-        int4_mm_configs(m, k, group_size)  # raises NotImplementedError if no tile fits
         int4_mm_autotuned[grid](*args)
     else:
         if not config.fits(k, group_size):

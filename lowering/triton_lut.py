@@ -20,12 +20,8 @@ tables are aligned to their row size (always, for tensors torch allocates), the 
 is the row's address with the code's byte offset OR-ed into its low bits: two integer
 instructions a weight, not four; otherwise the kernel runs a second copy of its loop that adds.
 
-Decode (M <= 16) is memory-bound, and N / BLOCK_N tiles are too few programs to keep enough
-bytes in flight (on the H100 the int4 kernel ran 1.6-1.8x slower without split-K). So decode
-configs split K over several programs per tile; each stores its fp32 partial tile and takes a
-ticket, and the last one to arrive sums the partials in a fixed order (deterministic) and writes
-the output: one launch, no zero-fill, no cast kernel. The tickets live in a small per-stream
-buffer of counters that the kernel returns to zero.
+Decode configs split K over several programs per tile (`triton_tiles`: fp32 partials, the last
+split of a tile sums them in a fixed order; one launch, deterministic).
 
 Layout follows Triton's matmul tutorial: the kernel, its autotune configs beside it, a thin
 launcher (`lut_mm_triton`), and a float64 reference for tests (`lut_mm_reference`).
@@ -45,11 +41,13 @@ from torch import Tensor
 
 from qcompile.ops import dequantize_lut
 
-from .triton_tiles import grouped_tile
+from .triton_tiles import (DEFAULT_NUM_SMS, DEFAULT_SHARED_MEMORY, device_limits, grouped_tile,
+                           split_k_buffers, split_k_for, split_k_range, store_split_k)
+from . import triton_tiles
 
+_tickets = triton_tiles.tickets  # the split-K tickets (tests check they return to zero)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-DEFAULT_NUM_SMS = 132  # H100 SXM; used where no CUDA device can be asked (the interpreter)
 
 
 # --- autotune configs ---------------------------------------------------------------------------
@@ -108,17 +106,6 @@ PREFILL_CONFIGS = (
     LutConfig(128, 256, 64, 8, 3),
 )
 ALL_CONFIGS = DECODE_CONFIGS + SMALL_BATCH_CONFIGS + PREFILL_CONFIGS
-MAX_SPLIT_K = 16
-DEFAULT_SHARED_MEMORY = 232448  # H100's per-block limit; used where no CUDA device can be asked
-
-
-def split_k_for(tiles: int, k: int, block_k: int, num_sms: int) -> int:
-    """How many programs share one output tile: enough for ~4 programs per SM (as many as the
-    decode tiles' registers allow), while every split keeps at least two BLOCK_K steps (the loads
-    of one overlap the lookups of the other) and none is left empty."""
-    steps = triton.cdiv(k, block_k)
-    split = max(1, min(triton.cdiv(4 * num_sms, tiles), MAX_SPLIT_K, steps // 2))
-    return triton.cdiv(steps, triton.cdiv(steps, split))
 
 
 def lut_mm_configs(m: int, n: int | None = None, k: int | None = None, *, x_itemsize: int = 2,
@@ -148,16 +135,6 @@ def _prune(configs, named_args, **kwargs):
     configs = lut_mm_configs(named_args["M"], named_args["N"], named_args["K"], **device_limits(x.device),
                              x_itemsize=x.element_size())
     return [_triton_config(c) for c in configs]
-
-
-@functools.cache
-def device_limits(device: torch.device) -> dict:
-    """The SM count and per-block shared memory `lut_mm_configs` plans for on `device`."""
-    if device.type != "cuda":
-        return {"num_sms": DEFAULT_NUM_SMS, "shared_memory": DEFAULT_SHARED_MEMORY}
-    props = torch.cuda.get_device_properties(device)
-    return {"num_sms": props.multi_processor_count,
-            "shared_memory": getattr(props, "shared_memory_per_block_optin", DEFAULT_SHARED_MEMORY)}
 
 
 # --- the kernel ---------------------------------------------------------------------------------
@@ -254,34 +231,15 @@ def lut_mm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT_K,  # not a constexpr: one compile serves every split (triton specializes SPLIT_K == 1)
 ):
-    pid = tl.program_id(0)  # also names this tile's split-K ticket
-    pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
 
-    # Split s of SPLIT_K covers K columns [s * k_per, (s + 1) * k_per), k_per a multiple of BLOCK_K.
-    k_per = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
-    k_lo = tl.program_id(1) * k_per
-    k_hi = tl.minimum(k_lo + k_per, K)
+    k_lo, k_hi = split_k_range(K, SPLIT_K, BLOCK_K)
     acc = lut_mm_tile(x_ptr, codes_ptr, tables_ptr, rm, rn, M, N, k_lo, k_hi,
                       stride_xm, stride_xk, stride_cn, stride_tn,
                       BITS, EVEN_K, ALLOW_TF32, BLOCK_M, BLOCK_N, BLOCK_K)
-
-    mask = (rm[:, None] < M) & (rn[None, :] < N)
-    out_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :]
-    if SPLIT_K == 1:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        tile = rm[:, None] * N + rn[None, :]
-        tl.store(partials_ptr + tl.program_id(1) * M * N + tile, acc, mask=mask)
-        tl.debug_barrier()  # every thread's partial is stored before the ticket releases them
-        ticket = tl.atomic_add(tickets_ptr + pid, 1, sem="acq_rel")
-        if ticket == SPLIT_K - 1:  # the last split of this tile: sum the partials in split order
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for s in range(0, SPLIT_K):  # .cg: read L2, where the other SMs' stores are
-                acc += tl.load(partials_ptr + s * M * N + tile, mask=mask, other=0.0, cache_modifier=".cg")
-            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-            tl.atomic_xchg(tickets_ptr + pid, 0)  # ready for the next launch
+    store_split_k(acc, out_ptr, partials_ptr, tickets_ptr, rm, rn, M, N, stride_om, SPLIT_K, BLOCK_M, BLOCK_N)
 
 
 lut_mm_autotuned = triton.autotune(
@@ -316,24 +274,6 @@ def _check(x: Tensor, codes: Tensor, tables: Tensor) -> None:
                                   "is not a multiple of 8")
 
 
-# Split-K tickets: int32 counters, zero between launches (the last split of a tile resets its own).
-# One buffer per (device, stream), so that kernels on two streams never share a counter; buffers are
-# never freed, since a CUDA graph may have captured their address.
-_tickets: dict[tuple, Tensor] = {}
-_retired_tickets: list[Tensor] = []
-
-
-def _ticket_buffer(device: torch.device, count: int) -> Tensor:
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device, stream)
-    buf = _tickets.get(key)
-    if buf is None or buf.numel() < count:
-        if buf is not None:
-            _retired_tickets.append(buf)
-        buf = _tickets[key] = torch.zeros(max(4096, triton.next_power_of_2(count)), dtype=torch.int32, device=device)
-    return buf
-
-
 def lut_mm_triton(x: Tensor, codes: Tensor, tables: Tensor, *, out: Tensor | None = None,
                   config: LutConfig | None = None) -> Tensor:
     """x [..., K] @ W.T in x.dtype, W[n, k] = tables[n, codes[n, k]]; autotuned unless `config`
@@ -357,11 +297,8 @@ def lut_mm_triton(x: Tensor, codes: Tensor, tables: Tensor, *, out: Tensor | Non
         candidates = lut_mm_configs(m, n, k, x_itemsize=x.element_size(), **device_limits(x.device))
     else:
         candidates = [config]
-    split = max(c.split_k for c in candidates)
-    if split > 1 and split * m * n >= 2**31:  # the kernel indexes the partials with int32
-        raise ValueError(f"lut_mm: split-K {split} over a [{m}, {n}] output needs 64-bit indexing")
-    partials = x2.new_empty(split * m * n if split > 1 else 1, dtype=torch.float32)
-    tickets = _ticket_buffer(x.device, max(c.tiles(m, n) for c in candidates))
+    partials, tickets = split_k_buffers(x2, m, n, max(c.split_k for c in candidates),
+                                        max(c.tiles(m, n) for c in candidates))
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])

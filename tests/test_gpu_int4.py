@@ -1,6 +1,6 @@
 """qcompile::int4_mm on a CUDA GPU: the eager Triton kernel at model sizes, and Inductor's template.
 
-On the GPU machine, from the source tree: `benchmarks/run_gpu_checks.sh OUT_DIR` (or
+On the GPU machine, from the source tree: `bash benchmarks/run_gpu_checks.sh all OUT_DIR` (or
 `PYTHONPATH=. python -m pytest tests/test_gpu_int4.py -m gpu`). Tolerances as in
 tests/test_triton_int4.py: |y - y64| <= 2 (2u + K u_fp32) (|x| @ |W|^T), u the unit roundoff of
 the activation dtype (one rounding of each dequantized weight, fp32 accumulation, one rounding of
@@ -102,7 +102,7 @@ def _without_comments(codes) -> str:
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("m", [1, 16, 512])
+@pytest.mark.parametrize("m", [17, 512])
 def test_compile_fuses_bias_silu_into_template(m, dtype):
     from qcompile.lowering import inductor_int4
 
@@ -117,6 +117,47 @@ def test_compile_fuses_bias_silu_into_template(m, dtype):
     assert len(kernels) == 1 and "int4_mm" in kernels[0], kernels
     assert "extern_kernels." + inductor_int4.TEMPLATE_NAME not in code
     assert "torch.ops.qcompile.int4_mm" not in code  # no fallback kernel either
+
+
+@pytest.mark.parametrize("m", [1, 16])
+def test_compile_decode_takes_split_k_launcher(m):
+    """At decode sizes the heuristic splits K, which a template program cannot: the extern choice
+    (the eager launcher) runs, then the epilogue; the split-K tickets are back at zero."""
+    from qcompile.lowering import inductor_int4, triton_tiles
+
+    n, k, g = 4096, 11008, 128
+    w = _weight(n, k, g)
+    r = torch.randn(m, n, device="cuda", dtype=torch.float16)
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    y, code, _, raw = _compile(lambda x: torch.ops.qcompile.int4_mm(x, *w, g) + r, x)
+    _assert_close(y, x, w, g, epilogue=lambda y: y + r.double())
+    assert "extern_kernels." + inductor_int4.TEMPLATE_NAME in code
+    assert "torch.ops.qcompile.int4_mm" not in code
+    torch.cuda.synchronize()
+    assert all(int(t.abs().sum()) == 0 for t in triton_tiles.tickets.values())
+
+
+def test_split_k_is_deterministic_and_graph_safe():
+    """Split-K sums its partials in a fixed order: repeated calls and a CUDA-graph replay give the
+    same bits."""
+    from qcompile.lowering import triton_int4
+
+    n, k, g = 4096, 4096, 128
+    w = _weight(n, k, g)
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    config = triton_int4.int4_mm_configs(1, k, g, n)[0]
+    assert config.split_k > 1
+    first = triton_int4.int4_mm_triton(x, *w, g, config=config)
+    assert all(torch.equal(first, triton_int4.int4_mm_triton(x, *w, g, config=config)) for _ in range(5))
+    out = torch.empty_like(first)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        triton_int4.int4_mm_triton(x, *w, g, out=out, config=config)
+    for _ in range(3):
+        out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, first)
 
 
 def test_compile_3d_input_with_residual_and_dynamic_batch():

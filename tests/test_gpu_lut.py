@@ -1,6 +1,6 @@
 """qcompile::lut_mm on a CUDA GPU: the eager Triton kernel at model sizes, and Inductor's template.
 
-On the GPU machine, from the source tree: `benchmarks/run_gpu_checks.sh OUT_DIR` (or
+On the GPU machine, from the source tree: `bash benchmarks/run_gpu_checks.sh all OUT_DIR` (or
 `PYTHONPATH=. python -m pytest tests/test_gpu_lut.py -m gpu`). Tolerances as in
 tests/test_triton_lut.py: |y - y64| <= 2 (2u + K u_fp32) (|x| @ |W|^T), u the unit roundoff of
 the activation dtype (one rounding of each looked-up entry, fp32 accumulation, one rounding of

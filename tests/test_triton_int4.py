@@ -94,6 +94,25 @@ def _kernel_cases(groups):
                     yield f"g{g}-m{m}-{name}-{tuple(c)}", _compare(y, dtype, *expected)
 
 
+def _split_k_cases():
+    """Decode tiles with K split over 2 and 3 programs (split 3 over K = 512: uneven splits; over
+    BLOCK_K = 256: an empty last split), groups inside and across splits; the tickets return to 0."""
+    from qcompile.lowering import triton_int4 as ti, triton_tiles
+
+    n, k = 72, 512
+    for g in (64, 512):
+        w = _weight(n, k, g)
+        for m in (1, 5):
+            for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+                x = torch.randn(m, k).to(dtype)
+                expected = _expected(x, *w, g)
+                for c in ti.DECODE_CONFIGS[:3]:
+                    for split in (2, 3):
+                        y = ti.int4_mm_triton(x, *w, g, config=c._replace(split_k=split))
+                        yield f"split-g{g}-m{m}-{name}-{tuple(c)}-s{split}", _compare(y, dtype, *expected)
+    yield "split-tickets-reset", {"ok": all(int(t.abs().sum()) == 0 for t in triton_tiles.tickets.values())}
+
+
 def _odd_cases():
     """K that is not a multiple of 64, the BLOCK_K=16 fallback, leading dims, scale/zero dtypes."""
     from qcompile.lowering import triton_int4 as ti
@@ -241,9 +260,28 @@ def _inductor_cases():
     result["ok"] &= f"extern_kernels.{inductor_int4.TEMPLATE_NAME}(" in code
     yield "interpreted-extern-choice", result
 
+    # Decode with few output tiles: the heuristic splits K, which a template program cannot, so the
+    # extern choice runs even with the template available (Inductor calls the launcher with out=).
+    k_long = 2048
+    w = _weight(n, k_long, 128, scale_dtype=torch.bfloat16)
+    x, r = torch.randn(1, k_long).half(), torch.randn(1, n).half()
+    assert inductor_int4.triton_int4.int4_mm_configs(1, k_long, 128, n)[0].split_k > 1
+    prune, tuner.early_config_prune = tuner.early_config_prune, lambda *a, **kw: prune(*a, **kw)[:1]
+    try:
+        torch._dynamo.reset()
+        y, (code,) = run_and_get_code(torch.compile(lambda x: torch.ops.qcompile.int4_mm(x, *w, 128) * r), x)
+    finally:
+        tuner.early_config_prune = prune
+    ref, tol = _expected(x, *w, 128)
+    ref = ref * r.double()
+    result = _compare(y, x.dtype, ref, tol * r.double().abs() + 2 * UNIT_ROUNDOFF[x.dtype] * ref.abs())
+    result["ok"] &= (f"extern_kernels.{inductor_int4.TEMPLATE_NAME}(" in code
+                     and inductor_int4.TEMPLATE_MARKER not in code)
+    yield "interpreted-extern-split-k", result
+
 
 # Two children share the work (2 CPU cores): group sizes 32/64 | 128/per-channel (256) + the rest.
-CHILD_PARTS = (("kernel:32,64",), ("kernel:128,256", "odd", "template", "inductor"))
+CHILD_PARTS = (("kernel:32,64", "split"), ("kernel:128,256", "odd", "template", "inductor"))
 
 
 def _child_main(parts) -> None:
@@ -251,7 +289,8 @@ def _child_main(parts) -> None:
     for part in parts:
         name, _, groups = part.partition(":")
         section = {"kernel": lambda: _kernel_cases([int(g) for g in groups.split(",")]),
-                   "odd": _odd_cases, "template": _template_cases, "inductor": _inductor_cases}[name]
+                   "split": _split_k_cases, "odd": _odd_cases, "template": _template_cases,
+                   "inductor": _inductor_cases}[name]
         for case, result in section():
             print(json.dumps({"case": case, **result}), flush=True)
 
@@ -273,6 +312,10 @@ def test_kernel_every_config_matches_float64(results, g):
     check(results, f"g{g}-", 3 * per_dtype)
 
 
+def test_kernel_split_k_matches_float64_and_resets_tickets(results):
+    check(results, "split-", 2 * 2 * 2 * 3 * 2 + 1)
+
+
 def test_kernel_odd_k_and_leading_dims(results):
     check(results, "oddk-", 3)
 
@@ -292,7 +335,7 @@ def test_cpu_compile_keeps_fallback(results):
 def test_inductor_template_codegen_fuses_epilogue(results):
     if torch.cuda.is_available():
         pytest.skip("covered on the GPU by tests/test_gpu_int4.py")
-    check(results, "interpreted-", 6)
+    check(results, "interpreted-", 7)
 
 
 def test_configs_fit_or_raise():
@@ -302,6 +345,15 @@ def test_configs_fit_or_raise():
             configs = ti.int4_mm_configs(m, k, g)
             assert configs and all(c.fits(k, g) for c in configs)
     assert {c.block_m for c in ti.int4_mm_configs(1, 4096, 128)} == {16}
+    # decode: split K until ~4 programs an SM, every split at least 2 steps, none empty; not above M=16
+    for n, k in ((4096, 4096), (4096, 11008), (11008, 4096), (576, 576), (49152, 576)):
+        for c in ti.int4_mm_configs(1, k, 64, n, num_sms=132):
+            steps = -(-k // c.block_k)
+            per_split = -(-steps // c.split_k)
+            assert 1 <= c.split_k and (c.split_k - 1) * per_split < steps
+            assert c.split_k == 1 or (c.tiles(1, n) * c.split_k <= 8 * 132 and per_split >= 2)
+    assert ti.int4_mm_configs(1, 4096, 64, 4096, num_sms=132)[0].split_k > 1
+    assert all(c.split_k == 1 for c in ti.int4_mm_configs(17, 4096, 64, 4096) + ti.int4_mm_configs(512, 4096, 64, 4096))
     with pytest.raises(NotImplementedError, match="BLOCK_K"):
         ti.int4_mm_configs(1, 40, 40)
 

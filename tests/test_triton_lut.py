@@ -322,7 +322,7 @@ def test_configs_and_split_k():
         for c in tl_.lut_mm_configs(1, n, k, num_sms=132):
             steps = -(-k // c.block_k)
             per_split = -(-steps // c.split_k)
-            assert 1 <= c.split_k <= tl_.MAX_SPLIT_K and (c.split_k - 1) * per_split < steps
+            assert 1 <= c.split_k <= tl_.triton_tiles.MAX_SPLIT_K and (c.split_k - 1) * per_split < steps
             assert c.split_k == 1 or (c.tiles(1, n) * c.split_k <= 8 * 132 and per_split >= 2)
     assert tl_.lut_mm_configs(1, 4096, 11008, num_sms=132)[0].split_k > 1
     assert all(c.split_k == 1 for c in tl_.lut_mm_configs(512, 4096, 4096))
