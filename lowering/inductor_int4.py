@@ -201,10 +201,12 @@ def _lower_int4_mm(x, qweight, scales, zeros, group_size):
 
     choices = []
     if _template is not None:
+        # the template is the tensor-core path (16-row tiles); BLOCK_M = 1 GEMV tiles run as extern
+        tiles = [c for c in configs if c.block_m >= 16]
         if _max_autotune():
-            template_configs = configs
+            template_configs = tiles
         else:
-            template_configs = configs[:1] if configs[0].split_k == 1 else []
+            template_configs = tiles[:1] if configs[0].split_k == 1 else []
         for c in template_configs:
             meta = {key: v for key, v in c.meta().items() if key != "SPLIT_K"}  # one program a tile
             _template.maybe_append_choice(

@@ -12,6 +12,11 @@ split sums the fp32 partials in a fixed order; one launch, deterministic, CUDA-g
 one program per tile, N / BLOCK_N programs are too few to keep the weight streaming (H200 sweep:
 0.5-0.9x fp16 cuBLAS at M = 1-16 without it).
 
+The same kernel serves the int8 layout (`qcompile::int8_mm` on CUDA, `int8_mm_triton`): int8
+[N, K] codes, scales (and optional zeros) per channel or per group, w = scales * (q - zeros);
+BITS = 8 only changes how codes are loaded (an int8 lm_head is the largest weight of a small
+model, and its dequantize + matmul fallback would move 3x its bytes per token).
+
 Layout follows Triton's matmul tutorial: the kernel, its autotune configs beside it, a thin
 launcher (`int4_mm_triton`), and a float64 reference for tests (`int4_mm_reference`).
 `qcompile.lowering.inductor_int4` renders the same kernel as an Inductor template.
@@ -57,6 +62,15 @@ class Int4Config(NamedTuple):
         return k % bk == 0 and (group_size % bk == 0 or bk % group_size == 0)
 
 
+# M = 1: a GEMV. BLOCK_M = 1 selects the kernel's FMA path (no 16-row tensor-core tile, 15 of
+# whose rows would be padding); each lane keeps BLOCK_N * BLOCK_K / threads fp32 partial sums.
+GEMV_CONFIGS = (
+    Int4Config(1, 16, 256, 4, 4),
+    Int4Config(1, 32, 256, 4, 4),
+    Int4Config(1, 8, 512, 4, 3),
+    Int4Config(1, 16, 512, 8, 3),
+    Int4Config(1, 64, 128, 4, 4),
+)
 # Decode (M <= 16): memory-bound on the weight. tl.dot needs 16 rows, so one 16-row tile; narrow
 # BLOCK_N and split-K (chosen per shape by `int4_mm_configs`) spread the weight over every SM, long
 # BLOCK_K makes wide loads (128 B of codes a row at 256). Small BLOCK_K entries serve K or group
@@ -92,7 +106,7 @@ PREFILL_CONFIGS = (
     Int4Config(128, 256, 64, 8, 3),
     Int4Config(64, 64, 32, 4, 4),
 )
-ALL_CONFIGS = DECODE_CONFIGS + SMALL_BATCH_CONFIGS + PREFILL_CONFIGS
+ALL_CONFIGS = GEMV_CONFIGS + DECODE_CONFIGS + SMALL_BATCH_CONFIGS + PREFILL_CONFIGS
 
 
 def int4_mm_configs(m: int, k: int | None = None, group_size: int | None = None, n: int | None = None, *,
@@ -100,6 +114,8 @@ def int4_mm_configs(m: int, k: int | None = None, group_size: int | None = None,
     """The configs worth trying for M rows (those whose BLOCK_K fits K and the group size), best
     guess first; with N, decode tiles (M <= 16) get the split-K that fills `num_sms` SMs."""
     bucket = DECODE_CONFIGS if m <= 16 else SMALL_BATCH_CONFIGS if m <= 64 else PREFILL_CONFIGS
+    if m == 1:
+        bucket = GEMV_CONFIGS + DECODE_CONFIGS
     if k is None:
         return list(bucket)
     group_size = group_size or k
@@ -113,7 +129,7 @@ def int4_mm_configs(m: int, k: int | None = None, group_size: int | None = None,
             raise NotImplementedError(
                 f"int4_mm Triton kernel: no BLOCK_K in 16..256 divides K={k} and divides or is a multiple "
                 f"of group_size={group_size}")
-    if n is None or bucket is not DECODE_CONFIGS:
+    if n is None or m > 16:
         return configs
     num_sms = num_sms or device_limits(torch.device("cpu"))["num_sms"]
     return [c._replace(split_k=split_k_for(c.tiles(m, n), k, c.block_k, num_sms)) for c in configs]
@@ -141,6 +157,7 @@ def int4_mm_kernel(
     GROUP_SIZE: tl.constexpr, ALLOW_TF32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT_K,  # not a constexpr: one compile serves every split (triton specializes SPLIT_K == 1)
+    BITS: tl.constexpr = 4, HAS_ZEROS: tl.constexpr = True,  # int8 layout: BITS = 8, zeros optional
 ):
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
@@ -152,39 +169,59 @@ def int4_mm_kernel(
     rk = tl.arange(0, BLOCK_K)
     k_lo, k_hi = split_k_range(K, SPLIT_K, BLOCK_K)
     x_ptrs = x_ptr + xm[:, None] * stride_xm + (k_lo + rk)[None, :] * stride_xk
-    q_ptrs = qw_ptr + wn[:, None] * stride_qn + (k_lo // 2 + tl.arange(0, BLOCK_K // 2))[None, :]
+    if BITS == 8:
+        q_ptrs = qw_ptr + wn[:, None] * stride_qn + (k_lo + rk)[None, :]
+    else:
+        q_ptrs = qw_ptr + wn[:, None] * stride_qn + (k_lo // 2 + tl.arange(0, BLOCK_K // 2))[None, :]
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if BLOCK_M == 1:  # GEMV: per-lane fp32 products, summed over K once after the loop
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(k_lo, k_hi, BLOCK_K):  # the launcher checks K % BLOCK_K == 0
         x = tl.load(x_ptrs)
-        packed = tl.load(q_ptrs)
-        # Low nibble is k = 2j, high nibble k = 2j + 1: join on a new minor axis, then flatten.
-        q = tl.reshape(tl.join(packed & 0xF, packed >> 4), (BLOCK_N, BLOCK_K)).to(tl.float32)
+        if BITS == 8:
+            q = tl.load(q_ptrs).to(tl.float32)
+        else:
+            packed = tl.load(q_ptrs)
+            # Low nibble is k = 2j, high nibble k = 2j + 1: join on a new minor axis, then flatten.
+            q = tl.reshape(tl.join(packed & 0xF, packed >> 4), (BLOCK_N, BLOCK_K)).to(tl.float32)
         if BLOCK_K <= GROUP_SIZE:  # the whole tile lies in one group: one scale per row
             g = k // GROUP_SIZE
             s = tl.load(s_ptr + wn * stride_sn + g).to(tl.float32)
-            z = tl.load(z_ptr + wn * stride_sn + g).to(tl.float32)
-            w = (q - z[:, None]) * s[:, None]
+            if HAS_ZEROS:
+                z = tl.load(z_ptr + wn * stride_sn + g).to(tl.float32)
+                w = (q - z[:, None]) * s[:, None]
+            else:
+                w = q * s[:, None]
         else:  # several groups per tile: a scale per k-column (repeated addresses hit the cache)
             offs = wn[:, None] * stride_sn + ((k + rk) // GROUP_SIZE)[None, :]
             s = tl.load(s_ptr + offs).to(tl.float32)
-            z = tl.load(z_ptr + offs).to(tl.float32)
-            w = (q - z) * s
-        w = w.to(x.dtype)
-        # fp32 activations: TF32 only if torch allows it for matmuls (it does not by default).
-        if ALLOW_TF32:
-            acc = tl.dot(x, tl.trans(w), acc, input_precision="tf32")
+            if HAS_ZEROS:
+                z = tl.load(z_ptr + offs).to(tl.float32)
+                w = (q - z) * s
+            else:
+                w = q * s
+        if BLOCK_M == 1:  # one row of x: FMAs on the CUDA cores, no tensor-core tile to fill
+            acc += w * x.to(tl.float32)
         else:
-            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+            w = w.to(x.dtype)
+            # fp32 activations: TF32 only if torch allows it for matmuls (it does not by default).
+            if ALLOW_TF32:
+                acc = tl.dot(x, tl.trans(w), acc, input_precision="tf32")
+            else:
+                acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
         x_ptrs += BLOCK_K * stride_xk
-        q_ptrs += BLOCK_K // 2
+        q_ptrs += BLOCK_K * BITS // 8
 
+    if BLOCK_M == 1:
+        acc = tl.reshape(tl.sum(acc, axis=1), (1, BLOCK_N))
     store_split_k(acc, out_ptr, partials_ptr, tickets_ptr, rm, rn, M, N, stride_om, SPLIT_K, BLOCK_M, BLOCK_N)
 
 
 int4_mm_autotuned = triton.autotune(
     configs=[_triton_config(c) for c in ALL_CONFIGS],
-    key=["M_BUCKET", "N", "K", "GROUP_SIZE"],  # triton adds the tensors' dtypes
+    key=["M_BUCKET", "N", "K", "GROUP_SIZE", "BITS", "HAS_ZEROS"],  # triton adds the tensors' dtypes
     prune_configs_by={"early_config_prune": _prune},
 )(int4_mm_kernel)
 
@@ -207,6 +244,26 @@ def int4_mm_triton(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, gr
                    *, out: Tensor | None = None, config: Int4Config | None = None) -> Tensor:
     """x [..., K] @ dequant(W).T in x.dtype; autotuned unless `config` is given (tests, Inductor)."""
     _check(x, qweight, scales, zeros, group_size)
+    return _launch(x, qweight, scales, zeros, group_size, 4, out, config)
+
+
+def int8_mm_triton(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None = None,
+                   *, out: Tensor | None = None, config: Int4Config | None = None) -> Tensor:
+    """x [..., K] @ dequant(W).T for the int8 layout (`qcompile.ops.dequantize_int8`), in x.dtype."""
+    n, k = qweight.shape
+    if qweight.dtype != torch.int8 or x.shape[-1] != k:
+        raise ValueError(f"int8_mm: need int8 [N, {x.shape[-1]}] codes, got {qweight.dtype} {tuple(qweight.shape)}")
+    if x.dtype not in KERNEL_DTYPES:
+        raise NotImplementedError(f"int8_mm Triton kernel: activations must be fp16/bf16/fp32, got {x.dtype}")
+    groups = 1 if scales.dim() == 1 else scales.shape[1]
+    if scales.shape[0] != n or k % groups or (zeros is not None and zeros.shape != scales.shape):
+        raise ValueError(f"int8_mm: scales {tuple(scales.shape)} do not fit a {n}x{k} weight")
+    scales = scales.reshape(n, groups)
+    zeros = None if zeros is None else zeros.reshape(n, groups)
+    return _launch(x, qweight, scales, zeros, k // groups, 8, out, config)
+
+
+def _launch(x, qweight, scales, zeros, group_size, bits, out, config):
     n, k = qweight.shape[0], x.shape[-1]
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
@@ -215,7 +272,9 @@ def int4_mm_triton(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, gr
     out2 = out.view(m, n)  # the out= form (Inductor's extern choice) passes a contiguous [M, N]
     if m == 0:
         return out
-    qweight, scales, zeros = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
+    qweight, scales = qweight.contiguous(), scales.contiguous()
+    zeros = scales if zeros is None else zeros.contiguous()  # (not read when HAS_ZEROS is False)
+    has_zeros = zeros is not scales
 
     if config is None:  # (raises NotImplementedError if no tile fits)
         candidates = int4_mm_configs(m, k, group_size, n, num_sms=device_limits(x.device)["num_sms"])
@@ -231,11 +290,12 @@ def int4_mm_triton(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, gr
             x2.stride(0), x2.stride(1), qweight.stride(0), scales.stride(0), out2.stride(0),
             group_size, torch.backends.cuda.matmul.allow_tf32)
     if config is None:
-        int4_mm_autotuned[grid](*args)
+        int4_mm_autotuned[grid](*args, BITS=bits, HAS_ZEROS=has_zeros)
     else:
         if not config.fits(k, group_size):
             raise ValueError(f"{config} does not fit K={k}, group_size={group_size}")
-        int4_mm_kernel[grid](*args, **config.meta(), num_warps=config.num_warps, num_stages=config.num_stages)
+        int4_mm_kernel[grid](*args, **config.meta(), BITS=bits, HAS_ZEROS=has_zeros, num_warps=config.num_warps,
+                             num_stages=config.num_stages)
     return out
 
 
@@ -254,5 +314,16 @@ def _int4_mm_cuda(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, gro
         return int4_mm_reference(x, qweight, scales, zeros, group_size, x.dtype)
 
 
+def _int8_mm_cuda(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None = None) -> Tensor:
+    from qcompile.ops.linear import int8_mm_reference
+
+    try:
+        return int8_mm_triton(x, qweight, scales, zeros)
+    except NotImplementedError as e:
+        warnings.warn(f"{e}; using the dequantize + matmul reference instead", stacklevel=2)
+        return int8_mm_reference(x, qweight, scales, zeros)
+
+
 _impl = torch.library.Library("qcompile", "IMPL")
 _impl.impl("int4_mm_kernel", _int4_mm_cuda, "CUDA")
+_impl.impl("int8_mm_kernel", _int8_mm_cuda, "CUDA")

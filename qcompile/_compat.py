@@ -47,11 +47,35 @@ def compile_with_inductor(gm, example_inputs, config_patches: dict, num_added: i
     """
     from torch._inductor.compile_fx import compile_fx
 
+    mark_added_inputs_static(gm)
     ctx = torch._guards.TracingContext.try_get()
     if num_added and ctx is not None and ctx.fake_mode is not None:
         head, added = list(example_inputs[:-num_added]), example_inputs[-num_added:]
         example_inputs = head + [ctx.fake_mode.from_tensor(t, static_shapes=True) for t in added]
     return compile_fx(gm, example_inputs, config_patches=config_patches)
+
+
+# AOTAutograd finds a Dynamo graph's static inputs (parameters, buffers, a static KV cache: fixed
+# addresses that CUDA graphs need not copy) from the GraphModule's `_param_name_to_source` and each
+# placeholder's `_dynamo_source` and meta["tensor_dict"]["_dynamo_static_input_type"] (2.11-2.13).
+def copy_dynamo_sources(old: torch.fx.GraphModule, new: torch.fx.GraphModule, nodes: dict) -> None:
+    """Carry Dynamo's input bookkeeping from `old` to its copy `new` (`nodes`: old node -> new)."""
+    if hasattr(old, "_param_name_to_source"):
+        new._param_name_to_source = old._param_name_to_source
+    for node in old.graph.find_nodes(op="placeholder"):
+        if hasattr(node, "_dynamo_source"):
+            nodes[node]._dynamo_source = node._dynamo_source
+
+
+def mark_added_inputs_static(gm: torch.fx.GraphModule) -> None:
+    """Placeholders a pass added (quantized weights: Dynamo knows no source for them) are static
+    inputs, as Dynamo marks parameters: their addresses never change from call to call."""
+    if not hasattr(gm, "_param_name_to_source"):
+        return  # not a Dynamo graph (or a release that does not read these): nothing to mark
+    for node in gm.graph.find_nodes(op="placeholder"):
+        if not hasattr(node, "_dynamo_source"):
+            node._dynamo_source = None
+            node.meta.setdefault("tensor_dict", {})["_dynamo_static_input_type"] = "unguarded"
 
 
 def cache_salt_pass(files: list[str]):

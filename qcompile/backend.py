@@ -115,12 +115,17 @@ def _cache_salt():
 
 def _own_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """A GraphModule with its own graph (Dynamo reads the original's placeholders after we return);
-    node metadata is copied shallowly and attributes are shared, so no tensor is duplicated."""
+    node metadata is copied shallowly and attributes are shared, so no tensor is duplicated.
+    Dynamo's input sources come along (`_compat.copy_dynamo_sources`): without them Inductor
+    treats no input as static, and CUDA graphs would copy every weight and skip graphs that
+    update a static KV cache in place."""
     graph = torch.fx.Graph()
-    out = graph.graph_copy(gm.graph, {})
+    nodes: dict = {}
+    out = graph.graph_copy(gm.graph, nodes)
     graph.output(out)
     new = torch.fx.GraphModule(gm, graph)
     new.meta.update(getattr(gm, "meta", {}))
+    _compat.copy_dynamo_sources(gm, new, nodes)
     return new
 
 

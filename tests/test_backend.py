@@ -222,3 +222,31 @@ def test_compiled_model_takes_noncontiguous_and_half_precision_inputs():
     with torch.no_grad():
         y = torch.compile(half, backend=qcompile.backend(MINMAX))(torch.randn(2, 128, dtype=torch.bfloat16))
     assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+
+
+def test_weights_reach_inductor_as_static_inputs(monkeypatch):
+    """Dynamo's parameters and the quantized weights a pass adds are static inputs to Inductor (as
+    under plain torch.compile): CUDA graphs (mode="reduce-overhead") then neither copy them on every
+    replay nor skip the graph. Only the token ids are not static."""
+    import torch._inductor.compile_fx as compile_fx
+
+    seen = []
+    inner = compile_fx._compile_fx_inner
+
+    def spy(gm, example_inputs, **kwargs):
+        seen.append((example_inputs, set(kwargs.get("static_input_idxs") or ())))
+        return inner(gm, example_inputs, **kwargs)
+
+    monkeypatch.setattr(compile_fx, "_compile_fx_inner", spy)
+    torch._dynamo.reset()
+    model = tiny_llama(hidden_size=256, intermediate_size=512)
+    ids = torch.randint(0, 256, (1, 6))
+    reports = []
+    with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False):
+        torch.compile(model, backend=qcompile.Backend(reports=reports))(ids)
+    assert seen and reports[0].linears
+    for inputs, static in seen:
+        not_static = [tuple(t.shape) for i, t in enumerate(inputs)
+                      if isinstance(t, torch.Tensor) and i not in static and t.dtype != torch.int64]
+        assert not not_static, f"inputs Inductor would copy under CUDA graphs: {not_static}"
+        assert len(static) >= len(reports[0].linears)  # at least the quantized weights

@@ -59,6 +59,25 @@ def test_launcher_matches_float64(k, n, m, dtype):
     _assert_close(int4_mm_triton(x, *w, 128), x, w, 128)
 
 
+@pytest.mark.parametrize("m", [1, 4, 16, 64])
+@pytest.mark.parametrize("k,n", [(2048, 128256), (4096, 4096)])
+def test_int8_launcher_matches_float64(k, n, m):
+    """qcompile::int8_mm on CUDA runs the same kernel (BITS = 8): an int8 per-channel lm_head of
+    Llama-3's vocabulary, and a square layer."""
+    from qcompile.ops.linear import dequantize_int8
+
+    gen = torch.Generator("cuda").manual_seed(0)
+    q = torch.randint(-127, 128, (n, k), generator=gen, device="cuda", dtype=torch.int8)
+    scales = (torch.rand(n, generator=gen, device="cuda") * 0.002 + 1e-4).bfloat16()
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    y = torch.ops.qcompile.int8_mm(x, q, scales)
+    w64 = dequantize_int8(q, scales, None, torch.float64)
+    ref = x.double() @ w64.t()
+    tol = 2 * (2 * UNIT_ROUNDOFF[x.dtype] + k * UNIT_ROUNDOFF[torch.float32]) * (x.double().abs() @ w64.abs().t())
+    assert y.dtype == x.dtype
+    assert ((y.double() - ref).abs() / (tol + 1e-12)).max().item() <= 1
+
+
 @pytest.mark.parametrize("g", [32, 64, 128, 4096])
 @pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_group_sizes_and_scale_dtypes(g, scale_dtype):

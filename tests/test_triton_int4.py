@@ -79,7 +79,7 @@ def _kernel_cases(groups):
     from qcompile.lowering import triton_int4 as ti
 
     n, k = 72, 256  # 72: not a multiple of any BLOCK_N
-    buckets = [(1, ti.DECODE_CONFIGS), (3, ti.DECODE_CONFIGS), (17, ti.SMALL_BATCH_CONFIGS),
+    buckets = [(1, ti.GEMV_CONFIGS + ti.DECODE_CONFIGS), (3, ti.DECODE_CONFIGS), (17, ti.SMALL_BATCH_CONFIGS),
                (70, ti.PREFILL_CONFIGS)]
     for g in groups:
         w = _weight(n, k, g)
@@ -89,7 +89,7 @@ def _kernel_cases(groups):
                     continue  # prefill tiles: groups 32 and per-channel cover both scale paths
                 x = torch.randn(m, k).to(dtype)
                 expected = _expected(x, *w, g)
-                for c in configs:
+                for c in (c for c in configs if c.fits(k, g)):  # (BLOCK_K = 512 GEMV tiles: longer K)
                     y = ti.int4_mm_triton(x, *w, g, config=c)
                     yield f"g{g}-m{m}-{name}-{tuple(c)}", _compare(y, dtype, *expected)
 
@@ -106,11 +106,36 @@ def _split_k_cases():
             for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
                 x = torch.randn(m, k).to(dtype)
                 expected = _expected(x, *w, g)
-                for c in ti.DECODE_CONFIGS[:3]:
+                for c in (ti.GEMV_CONFIGS[:2] if m == 1 else ()) + ti.DECODE_CONFIGS[:3]:
                     for split in (2, 3):
                         y = ti.int4_mm_triton(x, *w, g, config=c._replace(split_k=split))
                         yield f"split-g{g}-m{m}-{name}-{tuple(c)}-s{split}", _compare(y, dtype, *expected)
     yield "split-tickets-reset", {"ok": all(int(t.abs().sum()) == 0 for t in triton_tiles.tickets.values())}
+
+
+def _int8_cases():
+    """The int8 layout through the same kernel (BITS = 8): per channel without zeros (the int8
+    lm_head) and in groups with zeros, GEMV, split-K and tensor-core tiles."""
+    from qcompile.lowering import triton_int4 as ti
+    from qcompile.ops.linear import dequantize_int8
+
+    n, k = 72, 512
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    for name, scales, zeros in (("per-channel", torch.rand(n, generator=gen) * 0.01 + 0.001, None),
+                                ("g128-zeros", (torch.rand(n, 4, generator=gen) * 0.01 + 0.001).bfloat16(),
+                                 torch.randint(-8, 8, (n, 4), generator=gen).bfloat16())):
+        w64 = dequantize_int8(q, scales, zeros, torch.float64)
+        for m, configs in ((1, ti.GEMV_CONFIGS[:1]), (5, ti.DECODE_CONFIGS[:1]), (40, ti.SMALL_BATCH_CONFIGS[:1])):
+            for dtype in (torch.float32, torch.bfloat16):
+                x = torch.randn(m, k).to(dtype)
+                ref = x.double() @ w64.t()
+                u = UNIT_ROUNDOFF[dtype]
+                tol = 2 * (2 * u + k * UNIT_ROUNDOFF[torch.float32]) * (x.double().abs() @ w64.abs().t()) + 1e-12
+                for c in configs:
+                    for split in (1, 2) if m <= 16 else (1,):
+                        y = ti.int8_mm_triton(x, q, scales, zeros, config=c._replace(split_k=split))
+                        yield f"int8-{name}-m{m}-{dtype}-{tuple(c)}-s{split}", _compare(y, dtype, ref, tol)
 
 
 def _odd_cases():
@@ -281,7 +306,7 @@ def _inductor_cases():
 
 
 # Two children share the work (2 CPU cores): group sizes 32/64 | 128/per-channel (256) + the rest.
-CHILD_PARTS = (("kernel:32,64", "split"), ("kernel:128,256", "odd", "template", "inductor"))
+CHILD_PARTS = (("kernel:32,64", "split", "int8"), ("kernel:128,256", "odd", "template", "inductor"))
 
 
 def _child_main(parts) -> None:
@@ -289,7 +314,7 @@ def _child_main(parts) -> None:
     for part in parts:
         name, _, groups = part.partition(":")
         section = {"kernel": lambda: _kernel_cases([int(g) for g in groups.split(",")]),
-                   "split": _split_k_cases, "odd": _odd_cases, "template": _template_cases,
+                   "split": _split_k_cases, "int8": _int8_cases, "odd": _odd_cases, "template": _template_cases,
                    "inductor": _inductor_cases}[name]
         for case, result in section():
             print(json.dumps({"case": case, **result}), flush=True)
@@ -307,13 +332,18 @@ def results():
 def test_kernel_every_config_matches_float64(results, g):
     from qcompile.lowering import triton_int4 as ti
 
-    per_dtype = 2 * len(ti.DECODE_CONFIGS) + len(ti.SMALL_BATCH_CONFIGS)
-    per_dtype += len(ti.PREFILL_CONFIGS) if g in (32, 256) else 0
+    fitting = lambda configs: sum(c.fits(256, g) for c in configs)  # noqa: E731
+    per_dtype = fitting(ti.GEMV_CONFIGS) + 2 * fitting(ti.DECODE_CONFIGS) + fitting(ti.SMALL_BATCH_CONFIGS)
+    per_dtype += fitting(ti.PREFILL_CONFIGS) if g in (32, 256) else 0
     check(results, f"g{g}-", 3 * per_dtype)
 
 
 def test_kernel_split_k_matches_float64_and_resets_tickets(results):
-    check(results, "split-", 2 * 2 * 2 * 3 * 2 + 1)
+    check(results, "split-", 2 * 2 * (5 + 3) * 2 + 1)
+
+
+def test_int8_layout_matches_float64(results):
+    check(results, "int8-", 2 * 2 * (2 + 2 + 1))
 
 
 def test_kernel_odd_k_and_leading_dims(results):
@@ -344,7 +374,8 @@ def test_configs_fit_or_raise():
         for k, g in ((4096, 128), (4096, 4096), (11008, 128), (576, 64), (576, 576), (96, 32), (48, 48)):
             configs = ti.int4_mm_configs(m, k, g)
             assert configs and all(c.fits(k, g) for c in configs)
-    assert {c.block_m for c in ti.int4_mm_configs(1, 4096, 128)} == {16}
+    assert {c.block_m for c in ti.int4_mm_configs(1, 4096, 128)} == {1, 16}  # GEMV and tensor-core tiles
+    assert {c.block_m for c in ti.int4_mm_configs(2, 4096, 128)} == {16}
     # decode: split K until ~4 programs an SM, every split at least 2 steps, none empty; not above M=16
     for n, k in ((4096, 4096), (4096, 11008), (11008, 4096), (576, 576), (49152, 576)):
         for c in ti.int4_mm_configs(1, k, 64, n, num_sms=132):
