@@ -18,6 +18,9 @@ _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
 if _os.path.isfile(_os.path.join(_root, "lowering", "__init__.py")) and _root not in __path__:
     __path__.append(_root)
 
+from .malloc import keep_freed_memory as _keep_freed_memory  # noqa: E402
+
+_keep_freed_memory()  # reuse freed CPU memory instead of faulting it in again (qcompile/malloc.py)
 from . import ops  # noqa: E402  (registers torch.ops.qcompile.*)
 from . import lowering  # noqa: E402  (registers kernels)
 from ._compat import route_generate_through_compiled_forward as _route_generate  # noqa: E402
