@@ -74,7 +74,7 @@ def rtn_on_gptq_grid(model, bits: int, group_size: int | None):
 def rows(calib_text: list[str], everything: bool = False):
     """(name, how to quantize a fresh model or None for float32, note)."""
     yield "float32", None, ""
-    yield "default recipe", lambda m: qcompile.quantize(m, progress=False), "qcompile.quantize(model): RTN int4 g64 (HQQ-style grid)"
+    yield "default recipe", lambda m: qcompile.quantize(m, progress=False), "qcompile.quantize(model): RTN int4 g64 (HQQ-style grid), last decoder block int8"
     yield "rtn w4 g64", lambda m: qcompile.quantize(m, RTNConfig(group_size=64, search="minmax"), progress=False), ""
     yield "rtn w3 g64", lambda m: rtn_on_gptq_grid(m, 3, 64), "GPTQ's grid, no error feedback"
     yield "rtn w3 per-channel", lambda m: rtn_on_gptq_grid(m, 3, None), "GPTQ's grid, no error feedback"

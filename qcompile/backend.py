@@ -70,9 +70,12 @@ class Backend:
         report = GraphReport(index=next(_graph_counter), device=str(device))
         values = placeholder_values(gm.graph, example_inputs)
         config = self.config if self.explicit_config else default_config(_compat.compiled_calling_module())
-        if config != self.config:
+        if config != self.config and config.bits == 8:
             report.notes.append(f"default recipe for a model that does not generate text: {config.method} "
                                 f"int{config.bits} per channel")
+        elif config.int8 and not self.explicit_config:
+            report.notes.append(f"default recipe: int4 g{config.group_size}, the last decoder block "
+                                f"({', '.join(config.int8)}) int8 per channel")
         ctx = PassContext(config, device, values, report, fuse_projections=self.fuse_projections,
                           attention=self.attention, path_prefix=root_prefix(gm.graph, values))
         switched_off = {"linear": not self.quantize_linears, "attention": not self.attention.enabled}

@@ -25,6 +25,9 @@ class QuantConfig:
             llama.cpp's mixes also keep it wider) or 4 (the method's own int4 grid). A tied input
             embedding then reads the same int8 table.
         skip: fnmatch patterns of module paths (``"model.layers.0.*"``) that stay in float.
+        int8: fnmatch patterns of module paths quantized to int8 per channel (symmetric,
+            data-free) instead of the method's grid: a mix, as llama.cpp's k-quant mixes keep some
+            blocks wider. `default_config` keeps a language model's last decoder block at int8.
         min_features: linears with fewer input or output features stay in float (too small to gain).
         scale_dtype: storage dtype of scales (zero-points, in code units, are kept in fp16).
     """
@@ -32,6 +35,7 @@ class QuantConfig:
     lm_head: bool = True
     lm_head_bits: int = 8
     skip: tuple[str, ...] = ()
+    int8: tuple[str, ...] = ()
     min_features: int = 32
     scale_dtype: torch.dtype = torch.bfloat16
 
@@ -61,11 +65,21 @@ class QuantConfig:
                 return f"matches skip pattern {pattern!r}"
         return None
 
+    def int8_reason(self, path: str) -> str | None:
+        """Why the linear at `path` is int8 per channel rather than the method's grid, or None."""
+        if is_output_head(path) and self.lm_head_bits == 8:
+            return "int8 per channel, symmetric"
+        for pattern in self.int8:
+            if fnmatch.fnmatchcase(path, pattern):
+                return f"int8 per channel, symmetric (matches int8 pattern {pattern!r})"
+        return None
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["method"] = self.method
         d["scale_dtype"] = str(self.scale_dtype).removeprefix("torch.")
         d["skip"] = list(self.skip)
+        d["int8"] = list(self.int8)
         return d
 
     @staticmethod
@@ -76,6 +90,7 @@ class QuantConfig:
         if "table_dtype" in d:
             d["table_dtype"] = getattr(torch, d["table_dtype"])
         d["skip"] = tuple(d.get("skip", ()))
+        d["int8"] = tuple(d.get("int8", ()))
         return cls(**d)
 
 
@@ -296,7 +311,26 @@ def default_config(model=None) -> QuantConfig:
     (all-MiniLM-L6-v2's sentence embeddings fall to cosine 0.973 of float at int4 g64)."""
     if is_encoder(model):
         return RTNConfig(bits=8)
-    return RTNConfig()
+    blocks = decoder_blocks(model)
+    if blocks is None:
+        return RTNConfig()
+    # The last decoder block at int8: on SmolLM2 it alone carried ~30% of int4's loss (tune split,
+    # benchmarks/tune_default.py) for ~3% more decoder bytes.
+    path, count = blocks
+    return RTNConfig(int8=(f"{path}.{count - 1}.*",))
+
+
+def decoder_blocks(model) -> tuple[str, int] | None:
+    """(path, length) of `model`'s stack of decoder blocks: its longest nn.ModuleList of
+    same-typed modules (HF's model.layers, GPT-2's transformer.h), or None."""
+    if not isinstance(model, torch.nn.Module):
+        return None
+    best = None
+    for path, module in model.named_modules():
+        if (isinstance(module, torch.nn.ModuleList) and len(module) > 1
+                and len({type(m) for m in module}) == 1 and (best is None or len(module) > best[1])):
+            best = (path, len(module))
+    return best
 
 
 def is_encoder(model) -> bool:

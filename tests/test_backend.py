@@ -250,3 +250,28 @@ def test_weights_reach_inductor_as_static_inputs(monkeypatch):
                       if isinstance(t, torch.Tensor) and i not in static and t.dtype != torch.int64]
         assert not not_static, f"inputs Inductor would copy under CUDA graphs: {not_static}"
         assert len(static) >= len(reports[0].linears)  # at least the quantized weights
+
+
+def test_default_recipe_keeps_the_last_decoder_block_int8():
+    """The default recipe (no config) quantizes a language model's decoder linears to int4 except
+    the last block's, which are int8 per channel; the report says so, on both entry points."""
+    from qcompile.config import decoder_blocks
+
+    model = tiny_llama()
+    assert decoder_blocks(model) == ("model.layers", 2)
+    assert qcompile.default_config(model) == RTNConfig(int8=("model.layers.1.*",))
+    ids = torch.randint(0, 256, (1, 8))
+    reports = []
+    with torch.no_grad():
+        torch.compile(model, backend=qcompile.Backend(reports=reports))(ids)
+    ops = {x.path: x.op for x in reports[0].linears}
+    assert ops["model.layers.1.mlp.down_proj"] == "qcompile::int8_mm"
+    assert ops["model.layers.0.mlp.down_proj"] == "qcompile::int4_mm"
+    assert any("last decoder block" in n for n in reports[0].notes)
+    qcompile.quantize(model, progress=False)
+    ops = {x.path: (x.op, x.reason) for x in model.qcompile_report.linears}
+    assert ops["model.layers.1.self_attn.q_proj"][0] == "qcompile::int8_mm"
+    assert "int8 pattern 'model.layers.1.*'" in ops["model.layers.1.self_attn.q_proj"][1]
+    assert ops["model.layers.0.self_attn.q_proj"][0] == "qcompile::int4_mm"
+    # an explicit config is taken as given
+    assert RTNConfig().int8 == ()

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .. import lowering
-from ..config import GANQConfig, GPTQConfig, QuantConfig, RTNConfig, choose_group_size, is_output_head
+from ..config import GANQConfig, GPTQConfig, QuantConfig, RTNConfig, choose_group_size
 from ..formats import Int4Weight, Int8Weight
 from . import rtn
 
@@ -57,7 +57,8 @@ def plan_linear(config: QuantConfig, path: str, weight: Tensor, device: torch.de
             "here (a failed load or overflow); fix the weights or skip the layer with "
             f"skip=({path!r},) in the config"
         )
-    head_int8 = is_output_head(path) and config.lm_head_bits == 8
+    int8_reason = config.int8_reason(path)
+    head_int8 = int8_reason is not None
     if head_int8 or (isinstance(config, RTNConfig) and config.bits == 8):
         fmt, group = "int8", None  # per channel, symmetric
     elif isinstance(config, GANQConfig):  # one table per output row: no groups
@@ -74,7 +75,7 @@ def plan_linear(config: QuantConfig, path: str, weight: Tensor, device: torch.de
         plan.reason = why
         return plan
     plan.format, plan.group_size = fmt, group
-    plan.reason = "int8 per channel, symmetric" if head_int8 else describe(config, fmt, group, k)
+    plan.reason = int8_reason if head_int8 else describe(config, fmt, group, k)
     plan.data_free = head_int8 or not config.needs_calibration
     return plan
 
