@@ -91,15 +91,19 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
+def prompt(tok, device) -> tuple[torch.Tensor, dict]:
+    """(prompt ids, greedy generate() kwargs): PROMPT through the tokenizer, or 8 fixed random ids
+    for a random-weight architecture (no tokenizer)."""
+    if tok is None:
+        ids = torch.randint(0, 1000, (1, 8), generator=torch.Generator().manual_seed(0)).to(device)
+        return ids, dict(do_sample=False, pad_token_id=0)
+    return tok(PROMPT, return_tensors="pt").input_ids.to(device), dict(do_sample=False, pad_token_id=tok.eos_token_id)
+
+
 def measure(name, make, tok, args, device):
     torch._dynamo.reset()  # each variant compiles from scratch, within the recompile limit
     model = make()
-    if tok is None:
-        ids = torch.randint(0, 1000, (1, 8), generator=torch.Generator().manual_seed(0)).to(device)
-        gen = dict(do_sample=False, pad_token_id=0)
-    else:
-        ids = tok(PROMPT, return_tensors="pt").input_ids.to(device)
-        gen = dict(do_sample=False, pad_token_id=tok.eos_token_id)
+    ids, gen = prompt(tok, device)
     with torch.no_grad():
         t0 = time.perf_counter()
         model.generate(ids, max_new_tokens=1, **gen)
@@ -192,12 +196,7 @@ def measure_static(name, make, tok, args, device):
     row, model = {"variant": name}, None
     try:
         model = make()
-        if tok is None:
-            ids = torch.randint(0, 1000, (1, 8), generator=torch.Generator().manual_seed(0)).to(device)
-            gen = dict(do_sample=False, pad_token_id=0)
-        else:
-            ids = tok(PROMPT, return_tensors="pt").input_ids.to(device)
-            gen = dict(do_sample=False, pad_token_id=tok.eos_token_id)
+        ids, gen = prompt(tok, device)
         clock = DecodeClock()
         gen.update(max_new_tokens=args.tokens, min_new_tokens=args.tokens,
                    logits_processor=LogitsProcessorList([clock]))

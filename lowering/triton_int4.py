@@ -33,8 +33,9 @@ import triton.language as tl
 from torch import Tensor
 
 from qcompile.ops import dequantize_int4
+from qcompile.ops.linear import _check_int8 as check_int8, int8_mm_reference
 
-from .triton_tiles import device_limits, grouped_tile, split_k_buffers, split_k_for, split_k_range, store_split_k
+from .triton_tiles import DEFAULT_NUM_SMS, device_limits, grouped_tile, split_k_buffers, split_k_for, split_k_range, store_split_k
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -131,7 +132,7 @@ def int4_mm_configs(m: int, k: int | None = None, group_size: int | None = None,
                 f"of group_size={group_size}")
     if n is None or m > 16:
         return configs
-    num_sms = num_sms or device_limits(torch.device("cpu"))["num_sms"]
+    num_sms = num_sms or DEFAULT_NUM_SMS
     return [c._replace(split_k=split_k_for(c.tiles(m, n), k, c.block_k, num_sms)) for c in configs]
 
 
@@ -255,9 +256,8 @@ def int8_mm_triton(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | N
         raise ValueError(f"int8_mm: need int8 [N, {x.shape[-1]}] codes, got {qweight.dtype} {tuple(qweight.shape)}")
     if x.dtype not in KERNEL_DTYPES:
         raise NotImplementedError(f"int8_mm Triton kernel: activations must be fp16/bf16/fp32, got {x.dtype}")
+    check_int8(qweight, scales, zeros)  # the op's own shape checks
     groups = 1 if scales.dim() == 1 else scales.shape[1]
-    if scales.shape[0] != n or k % groups or (zeros is not None and zeros.shape != scales.shape):
-        raise ValueError(f"int8_mm: scales {tuple(scales.shape)} do not fit a {n}x{k} weight")
     scales = scales.reshape(n, groups)
     zeros = None if zeros is None else zeros.reshape(n, groups)
     return _launch(x, qweight, scales, zeros, k // groups, 8, out, config)
@@ -315,8 +315,6 @@ def _int4_mm_cuda(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, gro
 
 
 def _int8_mm_cuda(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None = None) -> Tensor:
-    from qcompile.ops.linear import int8_mm_reference
-
     try:
         return int8_mm_triton(x, qweight, scales, zeros)
     except NotImplementedError as e:
