@@ -19,11 +19,14 @@ def source_name(source) -> str:
 def compiled_calling_module():
     """The module the user compiled, seen from inside a backend call: the one an `OptimizedModule`
     on the Python stack wraps, else the outermost module whose frame runs Dynamo-compiled code
-    (a graph break inside `model.forward = torch.compile(model.forward)`); None when neither.
-    `torch._dynamo.utils.orig_code_map` (compiled code -> original code) exists in 2.11 and 2.13."""
+    (a graph break inside `model.forward = torch.compile(model.forward)`) or whose bound method a
+    Dynamo context is calling (`compiled.generate(...)` routed through the compiled `_call_impl`;
+    the first graph of `torch.compile(model.forward)`); None when none of these.
+    `torch._dynamo.utils.orig_code_map` (compiled code -> original code) and the `fn` local of
+    `_TorchDynamoContext.__call__`'s wrapper exist in 2.11 and 2.13."""
     import sys
 
-    from torch._dynamo.eval_frame import OptimizedModule
+    from torch._dynamo.eval_frame import OptimizedModule, _TorchDynamoContext
     from torch._dynamo.utils import orig_code_map
 
     top, frame = None, sys._getframe(1)
@@ -33,6 +36,10 @@ def compiled_calling_module():
             return owner._orig_mod
         if isinstance(owner, torch.nn.Module) and frame.f_code in orig_code_map:
             top = owner
+        elif isinstance(owner, _TorchDynamoContext):
+            wrapped = getattr(frame.f_locals.get("fn"), "__self__", None)
+            if isinstance(wrapped, torch.nn.Module):
+                top = wrapped
         frame = frame.f_back
     return top
 

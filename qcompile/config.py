@@ -300,22 +300,26 @@ class GANQConfig(CalibratedConfig):
 CONFIGS: dict[str, type[QuantConfig]] = {"rtn": RTNConfig, "gptq": GPTQConfig, "ganq": GANQConfig}
 
 
+MIN_BLOCKS_FOR_INT8_LAST = 8
+
+
 def default_config(model=None) -> QuantConfig:
     """The recipe used when no config is given.
 
     A model that generates text (or any module that is not a Hugging Face model): data-free int4
-    in groups of 64 with a fitted, norm-weighted grid, and an int8 lm_head — decode reads every
-    weight per token, so 4 bits pay. A Hugging Face model that does not generate (an encoder,
+    in groups of 64 with a fitted, norm-weighted grid, an int8 lm_head, and the last decoder block
+    at int8 when there are at least 8 blocks — decode reads every weight per token, so 4 bits pay. A Hugging Face model that does not generate (an encoder,
     embedding or classification model: ``model.can_generate()`` is False): int8 per channel —
     they run batched and compute-bound, where 4 bits save little time and cost accuracy
     (all-MiniLM-L6-v2's sentence embeddings fall to cosine 0.973 of float at int4 g64)."""
     if is_encoder(model):
         return RTNConfig(bits=8)
     blocks = decoder_blocks(model)
-    if blocks is None:
-        return RTNConfig()
     # The last decoder block at int8: on SmolLM2 it alone carried ~30% of int4's loss (tune split,
-    # benchmarks/tune_default.py) for ~3% more decoder bytes.
+    # benchmarks/tune_default.py) for ~3% more decoder bytes. It costs ~0.8/count of the decoder's
+    # int4 bytes, so a shallow model (fewer than 8 blocks: +10% or more) stays all int4.
+    if blocks is None or blocks[1] < MIN_BLOCKS_FOR_INT8_LAST:
+        return RTNConfig()
     path, count = blocks
     return RTNConfig(int8=(f"{path}.{count - 1}.*",))
 

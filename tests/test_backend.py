@@ -257,21 +257,36 @@ def test_default_recipe_keeps_the_last_decoder_block_int8():
     the last block's, which are int8 per channel; the report says so, on both entry points."""
     from qcompile.config import decoder_blocks
 
-    model = tiny_llama()
-    assert decoder_blocks(model) == ("model.layers", 2)
-    assert qcompile.default_config(model) == RTNConfig(int8=("model.layers.1.*",))
+    assert qcompile.default_config(tiny_llama()) == RTNConfig()  # 2 blocks: int8 would cost +39% bytes
+    model = tiny_llama(num_hidden_layers=8)
+    assert decoder_blocks(model) == ("model.layers", 8)
+    assert qcompile.default_config(model) == RTNConfig(int8=("model.layers.7.*",))
     ids = torch.randint(0, 256, (1, 8))
     reports = []
     with torch.no_grad():
         torch.compile(model, backend=qcompile.Backend(reports=reports))(ids)
     ops = {x.path: x.op for x in reports[0].linears}
-    assert ops["model.layers.1.mlp.down_proj"] == "qcompile::int8_mm"
-    assert ops["model.layers.0.mlp.down_proj"] == "qcompile::int4_mm"
+    assert ops["model.layers.7.mlp.down_proj"] == "qcompile::int8_mm"
+    assert ops["model.layers.6.mlp.down_proj"] == "qcompile::int4_mm"
     assert any("last decoder block" in n for n in reports[0].notes)
+    # the same recipe however the compiled code is reached: generate() on the compiled module, and
+    # HF's `model.forward = torch.compile(model.forward)` (both once compiled the last block int4)
+    for compile_it in ("generate", "forward"):
+        fresh, reports = tiny_llama(num_hidden_layers=8), []
+        with torch.no_grad():
+            if compile_it == "generate":
+                torch.compile(fresh, backend=qcompile.Backend(reports=reports)).generate(
+                    ids, max_new_tokens=2, do_sample=False)
+            else:
+                fresh.forward = torch.compile(fresh.forward, backend=qcompile.Backend(reports=reports))
+                fresh(ids)
+        ops = {x.path: x.op for r in reports for x in r.linears}
+        assert ops["model.layers.7.mlp.down_proj"] == "qcompile::int8_mm", compile_it
+        assert ops["model.layers.6.mlp.down_proj"] == "qcompile::int4_mm", compile_it
     qcompile.quantize(model, progress=False)
     ops = {x.path: (x.op, x.reason) for x in model.qcompile_report.linears}
-    assert ops["model.layers.1.self_attn.q_proj"][0] == "qcompile::int8_mm"
-    assert "int8 pattern 'model.layers.1.*'" in ops["model.layers.1.self_attn.q_proj"][1]
-    assert ops["model.layers.0.self_attn.q_proj"][0] == "qcompile::int4_mm"
+    assert ops["model.layers.7.self_attn.q_proj"][0] == "qcompile::int8_mm"
+    assert "int8 pattern 'model.layers.7.*'" in ops["model.layers.7.self_attn.q_proj"][1]
+    assert ops["model.layers.6.self_attn.q_proj"][0] == "qcompile::int4_mm"
     # an explicit config is taken as given
     assert RTNConfig().int8 == ()
