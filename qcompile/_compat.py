@@ -167,6 +167,45 @@ def route_generate_through_compiled_forward() -> None:
 
     OptimizedModule.__getattr__ = __getattr__
     OptimizedModule._qcompile_routes_generate = True
+    _keep_qcompiled_forward_in_generate()
+
+
+# On CUDA (any accelerator) with a static cache, generate() compiles the model's __call__ itself
+# with `generation_config.compile_config` (backend "inductor" by default). That compile traces
+# through a forward the user compiled with backend=qcompile (HF's recipe `model.forward =
+# torch.compile(model.forward, ...)`, or the routed call above), so the float model would run under
+# plain Inductor. A model whose forward qcompile compiled keeps it: generate's own compile is skipped.
+def _compiled_with_qcompile(fn) -> bool:
+    from torch._dynamo.eval_frame import _TorchDynamoContext
+
+    for cell in getattr(fn, "__closure__", None) or ():  # torch.compile(fn)'s wrapper closes over its context
+        try:
+            ctx = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if isinstance(ctx, _TorchDynamoContext) and _is_qcompile_backend(getattr(ctx, "callback", None)):
+            return True
+    return False
+
+
+def _keep_qcompiled_forward_in_generate() -> None:
+    try:
+        from transformers.generation.utils import GenerationMixin
+    except ImportError:
+        return
+    original = getattr(GenerationMixin, "_valid_auto_compile_criteria", None)
+    if original is None or getattr(original, "_qcompile_keeps_forward", False):
+        return
+
+    @functools.wraps(original)
+    def _valid_auto_compile_criteria(self, *args, **kwargs):
+        if _compiled_with_qcompile(self.__dict__.get("forward")) or _compiled_with_qcompile(
+                self.__dict__.get("_compiled_call_impl")):
+            return False
+        return original(self, *args, **kwargs)
+
+    _valid_auto_compile_criteria._qcompile_keeps_forward = True
+    GenerationMixin._valid_auto_compile_criteria = _valid_auto_compile_criteria
 
 
 # --- attention ------------------------------------------------------------------------------------
