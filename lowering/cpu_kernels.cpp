@@ -16,6 +16,9 @@
 // FMA latency. Per group the sum over q*x is scaled once and the zero-point uses the group's sum of x:
 //   y[m,n] = sum_g s[n,g] * (sum_{k in g} q[n,k] x[m,k] - z[n,g] * sum_{k in g} x[m,k])
 // Prefill (more than GEMV_MAX_ROWS rows) dequantizes the weight in row chunks and uses ATen's GEMM.
+//
+// qcompile::int4_mm_a8_kernel and qcompile::int8_mm_a8_kernel (W4A8 / W8A8 decode) quantize x to int8
+// instead, as llama.cpp does: see "int8 activations" below.
 // Built at first use by cpu_kernels.py (-O3 -march=native) and loaded with torch.ops.load_library.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -23,12 +26,21 @@
 #include <ATen/ops/mm.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <bit>
 #include <cstring>
 #include <optional>
 #include <type_traits>
 #include <vector>
 #ifdef __AVX2__
 #include <immintrin.h>
+#endif
+#include <cmath>
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define QCOMPILE_VNNI 1
+#endif
+#ifndef QCOMPILE_OPS  // cpu_kernels.py builds test variants for lesser ISAs into their own op namespace
+#define QCOMPILE_OPS qcompile
 #endif
 
 namespace {
@@ -45,6 +57,16 @@ struct Params {
       case at::kFloat: return static_cast<const float*>(data)[i];
       case at::kBFloat16: return static_cast<float>(static_cast<const at::BFloat16*>(data)[i]);
       default: return static_cast<float>(static_cast<const at::Half*>(data)[i]);
+    }
+  }
+  void load(int64_t i, int64_t count, float* out) const {  // count values from i, as float (one dtype switch)
+    switch (dtype) {
+      case at::kFloat: std::memcpy(out, static_cast<const float*>(data) + i, count * sizeof(float)); break;
+      case at::kBFloat16:
+        for (int64_t c = 0; c < count; ++c) out[c] = static_cast<float>(static_cast<const at::BFloat16*>(data)[i + c]);
+        break;
+      default:
+        for (int64_t c = 0; c < count; ++c) out[c] = static_cast<float>(static_cast<const at::Half*>(data)[i + c]);
     }
   }
 };
@@ -346,6 +368,229 @@ void lut_dequant(const uint8_t* codes, const Params& t, int64_t L, int64_t K, in
   });
 }
 
+// --- int8 activations (W4A8 / W8A8 decode) -------------------------------------------------------
+// Each row of x is quantized once per call to int8, symmetric per group of features (sx = absmax / 127,
+// a = round-half-even(x / sx), no clipping: llama.cpp's quantize_row_q8_0), and meets the weight codes in
+// integer dot products, exact in int32, so only the per-group float combination rounds:
+//   int4: y[m,n] = sum_g s[n,g] sx[m,g] (sum_{k in g} q[n,k] a[m,k] - z[n,g] sum_{k in g} a[m,k])
+//   int8: y[m,n] = s[n] sum_g sx[m,g] sum_{k in g} q[n,k] a[m,k]
+// vpdpbusd (AVX512-VNNI, in its 256-bit EVEX form like llama.cpp: Zen4 splits zmm ops in two anyway) and
+// AVX2 maddubs + madd multiply unsigned by signed bytes:
+//   int4: the codes 0..15 are the unsigned operand, a the signed one (maddubs pairs <= 2*15*127: no saturation);
+//   int8, VNNI: a + 128 is the unsigned operand, and 128 * (the group's sum of q) comes off. The sum of q is
+//     one more vpdpbusd per 32 weights in the same pass: the op has nowhere to cache row sums, and the
+//     pass is bound by reading the weight (the lm_head), not by vpdpbusd;
+//   int8, AVX2: pairs of (a + 128) * q would saturate int16, so llama.cpp's sign trick: |q| * (a sign(q)),
+//     pairs <= 2*128*127.
+// Without AVX2 every dot product is the scalar tail loop. An int4 step takes ROWS output channels against
+// one row of x: their dependency chains (vpdpbusd has a 4-5 cycle latency) interleave, each activation
+// vector is loaded once for all of them, and the next ROWS rows are prefetched (the hardware prefetcher
+// follows one stream, not ROWS interleaved ones: from memory, the down_proj's 768-byte rows ran 1.3x slower).
+#ifdef QCOMPILE_VNNI
+constexpr bool ACT_BIASED = true;  // int8 weights: activations stored as a + 128, the unsigned operand
+#else
+constexpr bool ACT_BIASED = false;
+#endif
+constexpr int ROWS = 4;
+
+struct ActsQ {
+  std::vector<int8_t> a;  // [M, K] codes; int4: per row the even k, then the odd k (the nibble order)
+  std::vector<float> sx;  // [M, G] scales
+  std::vector<float> bz;  // [M, G] sx * the group's sum of codes (for the zero-point)
+};
+
+// Once per call, on one thread (at most 8 rows of x); the loops vectorize.
+ActsQ quantize_acts(const float* x, int64_t M, int64_t K, int64_t group, bool split, bool biased) {
+  const int64_t G = K / group, hk = K / 2, hg = group / 2;
+  const int32_t bias = biased ? 128 : 0;
+  ActsQ q{std::vector<int8_t>(M * K), std::vector<float>(M * G), std::vector<float>(M * G)};
+  std::vector<int32_t> c(group);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < G; ++g) {
+      const float* xg = x + m * K + g * group;
+      uint32_t amax = 0;  // as bits: |x| orders as its bit pattern, and an integer max vectorizes
+      for (int64_t k = 0; k < group; ++k) amax = std::max(amax, std::bit_cast<uint32_t>(xg[k]) & 0x7fffffffu);
+      const float d = std::bit_cast<float>(amax) / 127.f, div = d > 0.f ? d : 1.f;  // all-zero groups: a = 0
+      for (int64_t k = 0; k < group; ++k) c[k] = static_cast<int32_t>(std::nearbyint(xg[k] / div));  // |c| <= 127
+      int32_t sum = 0;
+      for (int64_t k = 0; k < group; ++k) sum += c[k];
+      int8_t* a = &q.a[m * K];
+      if (split)
+        for (int64_t k = 0; k < hg; ++k) {
+          a[g * hg + k] = static_cast<int8_t>(c[2 * k] + bias);
+          a[hk + g * hg + k] = static_cast<int8_t>(c[2 * k + 1] + bias);
+        }
+      else
+        for (int64_t k = 0; k < group; ++k) a[g * group + k] = static_cast<int8_t>(c[k] + bias);
+      q.sx[m * G + g] = d;
+      q.bz[m * G + g] = d * static_cast<float>(sum);
+    }
+  return q;
+}
+
+#ifdef __AVX2__
+// acc + the sums of 4 adjacent u8 * s8 products in each int32 lane.
+inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
+#ifdef QCOMPILE_VNNI
+  return _mm256_dpbusd_epi32(acc, u, s);
+#else  // maddubs saturates each pair at int16: the callers keep pairs below 2^15
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
+}
+
+inline __m256i load32(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+inline __m128i load16(const void* p) { return _mm_loadu_si128(static_cast<const __m128i*>(p)); }
+#endif
+
+// R int4 weight rows from w (hk bytes apart) x one row of int8 activations (ae/ao: the codes of the even/odd
+// columns): out[i] = sum_g ssx[i][g] sum_{k in g} q a, with ssx = s * sx; the caller takes off the zero-point term.
+template <int R>
+void int4_a8_rows(const uint8_t* w, int64_t hk, const int8_t* ae, const int8_t* ao, const float* const* ssx,
+                  int64_t G, int64_t hg, float* out) {
+  float total[R] = {};
+#ifdef __AVX2__
+  __m256 acc[R];
+  for (int i = 0; i < R; ++i) acc[i] = _mm256_setzero_ps();
+  const __m256i low = _mm256_set1_epi8(15);
+#endif
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t j1 = (g + 1) * hg;
+    int64_t j = g * hg;
+#ifdef __AVX2__
+    __m256i d[R];
+    for (int i = 0; i < R; ++i) d[i] = _mm256_setzero_si256();
+    for (; j + 32 <= j1; j += 32) {  // 32 bytes = 64 codes
+      const __m256i xe = load32(ae + j), xo = load32(ao + j);
+      for (int i = 0; i < R; ++i) {
+        _mm_prefetch(reinterpret_cast<const char*>(w + (R + i) * hk + j), _MM_HINT_T0);  // the next step's rows
+        const __m256i v = load32(w + i * hk + j);
+        const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+        d[i] = dot_u8s8(dot_u8s8(d[i], lo, xe), hi, xo);
+      }
+    }
+    if (j + 16 <= j1) {  // 16 bytes (group 32): the low nibbles in the low half, the high ones in the high half
+      const __m256i xa = _mm256_set_m128i(load16(ao + j), load16(ae + j));
+      for (int i = 0; i < R; ++i) {
+        const __m128i v = load16(w + i * hk + j);
+        d[i] = dot_u8s8(d[i], _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), low), xa);
+      }
+      j += 16;
+    }
+    for (int i = 0; i < R; ++i)
+      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[i]), _mm256_set1_ps(ssx[i][g]), acc[i]);
+#endif
+    if (j < j1)  // the tail (everything, without AVX2)
+      for (int i = 0; i < R; ++i) {
+        const uint8_t* row = w + i * hk;
+        int32_t t = 0;
+        for (int64_t jj = j; jj < j1; ++jj) t += (row[jj] & 15) * ae[jj] + (row[jj] >> 4) * ao[jj];
+        total[i] += ssx[i][g] * static_cast<float>(t);
+      }
+  }
+  for (int i = 0; i < R; ++i) {
+#ifdef __AVX2__
+    total[i] += hsum(acc[i]);
+#endif
+    out[i] = total[i];
+  }
+}
+
+void int4_a8_gemv(const float* x, int64_t M, int64_t K, const uint8_t* qw, const Params& s, const Params& z,
+                  int64_t N, int64_t group, float* y) {
+  const int64_t hk = K / 2, G = K / group, hg = group / 2;
+  const ActsQ q = quantize_acts(x, M, K, group, true, false);
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    std::vector<float> sf(ROWS * G), zf(ROWS * G), ssx(ROWS * G);
+    const float* ps[ROWS];
+    for (int i = 0; i < ROWS; ++i) ps[i] = &ssx[i * G];
+    for (int64_t n = n0; n < n1; n += ROWS) {
+      const int rows = static_cast<int>(std::min<int64_t>(ROWS, n1 - n));
+      s.load(n * G, rows * G, sf.data());
+      z.load(n * G, rows * G, zf.data());
+      for (int64_t m = 0; m < M; ++m) {
+        const int8_t* ae = &q.a[m * K];
+        const float *sx = &q.sx[m * G], *bz = &q.bz[m * G];
+        float zt[ROWS] = {}, out[ROWS];
+        for (int i = 0; i < rows; ++i)
+          for (int64_t g = 0; g < G; ++g) {
+            ssx[i * G + g] = sf[i * G + g] * sx[g];
+            zt[i] += sf[i * G + g] * zf[i * G + g] * bz[g];
+          }
+        if (rows == ROWS)
+          int4_a8_rows<ROWS>(qw + n * hk, hk, ae, ae + hk, ps, G, hg, out);
+        else
+          for (int i = 0; i < rows; ++i) int4_a8_rows<1>(qw + (n + i) * hk, hk, ae, ae + hk, ps + i, G, hg, out + i);
+        for (int i = 0; i < rows; ++i) y[m * N + n + i] = out[i] - zt[i];
+      }
+    }
+  });
+}
+
+// One int8 weight row x one row of int8 activations: sum_g sx[g] sum_{k in g} q a. Rows are not interleaved
+// as for int4: streaming several 576-byte rows at once halved the lm_head's speed from memory (the hardware
+// prefetcher follows one stream); two accumulators hide vpdpbusd's latency instead.
+float int8_a8_row(const int8_t* row, const int8_t* a, const float* sx, int64_t G, int64_t group) {
+  float total = 0.f;
+#ifdef __AVX2__
+  __m256 acc = _mm256_setzero_ps();
+#endif
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t k1 = (g + 1) * group;
+    int64_t k = g * group;
+#ifdef __AVX2__
+    __m256i d[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+#ifdef QCOMPILE_VNNI
+    const __m256i ones = _mm256_set1_epi8(1);
+    __m256i qs[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+    auto step = [&](int u) {
+      const __m256i v = load32(row + k + 32 * u);
+      qs[u] = _mm256_dpbusd_epi32(qs[u], ones, v);
+      d[u] = dot_u8s8(d[u], load32(a + k + 32 * u), v);
+    };
+#else
+    auto step = [&](int u) {  // |q| (-128 reads as 128 unsigned) times a sign(q)
+      const __m256i v = load32(row + k + 32 * u);
+      d[u] = dot_u8s8(d[u], _mm256_sign_epi8(v, v), _mm256_sign_epi8(load32(a + k + 32 * u), v));
+    };
+#endif
+    for (; k + 64 <= k1; k += 64) {
+      step(0);
+      step(1);
+    }
+    if (k + 32 <= k1) {
+      step(0);
+      k += 32;
+    }
+    __m256i dd = _mm256_add_epi32(d[0], d[1]);
+#ifdef QCOMPILE_VNNI
+    dd = _mm256_sub_epi32(dd, _mm256_slli_epi32(_mm256_add_epi32(qs[0], qs[1]), 7));
+#endif
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dd), _mm256_set1_ps(sx[g]), acc);
+#endif
+    // The tail (everything, without AVX2). Unbiased by xor: GCC 12 -O3 -march=znver4 vectorizes
+    // row[k] * (uint8_t(a) - 128) into wrong sums.
+    int32_t t = 0;
+    for (; k < k1; ++k) t += row[k] * static_cast<int8_t>(ACT_BIASED ? a[k] ^ 0x80 : a[k]);
+    total += sx[g] * static_cast<float>(t);
+  }
+#ifdef __AVX2__
+  total += hsum(acc);
+#endif
+  return total;
+}
+
+void int8_a8_gemv(const float* x, int64_t M, int64_t K, const int8_t* qw, const Params& s, int64_t N,
+                  int64_t group, float* y) {
+  const int64_t G = K / group;
+  const ActsQ q = quantize_acts(x, M, K, group, false, ACT_BIASED);
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const float sn = s[n];
+      for (int64_t m = 0; m < M; ++m) y[m * N + n] = sn * int8_a8_row(qw + n * K, &q.a[m * K], &q.sx[m * G], G, group);
+    }
+  });
+}
+
 // --- the ops ------------------------------------------------------------------------------------
 std::vector<int64_t> out_shape(const at::Tensor& x, int64_t n) {
   auto shape = x.sizes().vec();
@@ -467,10 +712,67 @@ at::Tensor lut_mm_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Te
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
+// Decode-size x only: more rows run the W4A16 / W8A16 kernels above (see the schemas in qcompile/ops/linear.py).
+at::Tensor int4_mm_a8_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                          const at::Tensor& zeros, int64_t group) {
+  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), "qcompile::int4_mm_a8: input must be floating-point, got ",
+                   x.scalar_type());
+  TORCH_CHECK_TYPE(qweight.scalar_type() == at::kByte && qweight.dim() == 2,
+                   "qcompile::int4_mm_a8: qweight must be a 2-D uint8 tensor, got ", qweight.scalar_type(), " ",
+                   qweight.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(scales.scalar_type()) && at::isFloatingType(zeros.scalar_type()),
+                   "qcompile::int4_mm_a8: scales and zeros must be floating-point");
+  const int64_t n = qweight.size(0), k = 2 * qweight.size(1);
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == k, "qcompile::int4_mm_a8: input has ", x.size(-1),
+                    " features, the weight expects ", k);
+  TORCH_CHECK_VALUE(group > 0 && group % 2 == 0 && k % group == 0, "qcompile::int4_mm_a8: group size ", group,
+                    " does not divide ", k, " input features into groups of even size");
+  TORCH_CHECK_VALUE(scales.sizes() == at::IntArrayRef({n, k / group}) && zeros.sizes() == scales.sizes(),
+                    "qcompile::int4_mm_a8: scales ", scales.sizes(), " and zeros ", zeros.sizes(),
+                    " must be [", n, ", ", k / group, "]");
+  const int64_t m = x.numel() / k;
+  if (m > GEMV_MAX_ROWS) return int4_mm_cpu(x, qweight, scales, zeros, group);
+  const auto qw = qweight.contiguous();
+  const auto s_t = readable(scales), z_t = readable(zeros);
+  const Params s{s_t.data_ptr(), s_t.scalar_type()}, z{z_t.data_ptr(), z_t.scalar_type()};
+  const auto xf = x.to(at::kFloat).contiguous();
+  auto y = at::empty(out_shape(x, n), xf.options());
+  int4_a8_gemv(xf.data_ptr<float>(), m, k, qw.data_ptr<uint8_t>(), s, z, n, group, y.data_ptr<float>());
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+at::Tensor int8_mm_a8_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                          int64_t act_group) {
+  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), "qcompile::int8_mm_a8: input must be floating-point, got ",
+                   x.scalar_type());
+  TORCH_CHECK_TYPE(qweight.scalar_type() == at::kChar && qweight.dim() == 2,
+                   "qcompile::int8_mm_a8: qweight must be a 2-D int8 tensor, got ", qweight.scalar_type(), " ",
+                   qweight.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(scales.scalar_type()), "qcompile::int8_mm_a8: scales must be floating-point");
+  const int64_t n = qweight.size(0), k = qweight.size(1);
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == k, "qcompile::int8_mm_a8: input has ", x.size(-1),
+                    " features, the weight expects ", k);
+  TORCH_CHECK_VALUE(scales.dim() == 1 && scales.size(0) == n, "qcompile::int8_mm_a8: scales must be [", n,
+                    "] (per channel), got ", scales.sizes());
+  TORCH_CHECK_VALUE(act_group > 0 && k % act_group == 0, "qcompile::int8_mm_a8: activation group size ", act_group,
+                    " does not divide ", k, " input features");
+  const int64_t m = x.numel() / k;
+  if (m > GEMV_MAX_ROWS) return int8_mm_cpu(x, qweight, scales, std::nullopt);
+  const auto qw = qweight.contiguous();
+  const auto s_t = readable(scales);
+  const Params s{s_t.data_ptr(), s_t.scalar_type()};
+  const auto xf = x.to(at::kFloat).contiguous();
+  auto y = at::empty(out_shape(x, n), xf.options());
+  int8_a8_gemv(xf.data_ptr<float>(), m, k, qw.data_ptr<int8_t>(), s, n, act_group, y.data_ptr<float>());
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(qcompile, CPU, m) {
+TORCH_LIBRARY_IMPL(QCOMPILE_OPS, CPU, m) {
   m.impl("int4_mm_kernel", &int4_mm_cpu);
   m.impl("int8_mm_kernel", &int8_mm_cpu);
   m.impl("lut_mm_kernel", &lut_mm_cpu);
+  m.impl("int4_mm_a8_kernel", &int4_mm_a8_cpu);
+  m.impl("int8_mm_a8_kernel", &int8_mm_a8_cpu);
 }

@@ -11,6 +11,9 @@ fast CPU kernels, the Triton kernels and the Inductor lowerings for the same ops
 (each with a `_kernel` op underneath that the device kernels implement)
 | qcompile::int8_embedding | row gather of an int8 table (tied lm_head/embedding)      |
 
+`int4_mm_a8_kernel` and `int8_mm_a8_kernel` read the int4 and the per-channel int8 layouts too, but
+quantize decode-size activations to int8 (W4A8 / W8A8, see `int4_mm_a8_reference`).
+
 The kernels read these layouts as they are saved, on every device, so a file moves between CPU
 and GPU without repacking.
 """
@@ -55,6 +58,13 @@ _lib.define("int8_mm(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros=None
 _lib.define("int8_mm_kernel(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros=None) -> Tensor")
 _lib.define("lut_mm(Tensor x, Tensor codes, Tensor tables) -> Tensor")
 _lib.define("lut_mm_kernel(Tensor x, Tensor codes, Tensor tables) -> Tensor")
+# W4A8 / W8A8 decode: x quantized to int8 per (row, group of features), integer dot products (see
+# int4_mm_a8_reference). Only for decode-size x (at most A8_MAX_ROWS rows in all); more rows run the
+# W4A16 / W8A16 ops (int4_mm_kernel, int8_mm_kernel), unquantized. int4_mm_a8: activation groups are the
+# weight's groups (group_size = K: one scale per token); int8_mm_a8: per-channel symmetric int8 weights
+# (scales [N], the default lm_head), act_group_size = K for one scale per token (QUIK) or a divisor of K.
+_lib.define("int4_mm_a8_kernel(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor")
+_lib.define("int8_mm_a8_kernel(Tensor x, Tensor qweight, Tensor scales, int act_group_size) -> Tensor")
 _lib.define("int8_embedding(Tensor ids, Tensor qweight, Tensor scales, ScalarType dtype, Tensor? zeros=None) -> Tensor")
 
 # device type -> loader of its compiled kernels (set by qcompile.lowering; called on first use)
@@ -215,6 +225,95 @@ def lut_mm(x: Tensor, codes: Tensor, tables: Tensor) -> Tensor:
     return torch.ops.qcompile.lut_mm_kernel(x, codes, tables)
 
 
+# --- int8 activations (W4A8 / W8A8 decode) -------------------------------------------------------
+A8_MAX_ROWS = 8  # the CPU kernels' GEMV_MAX_ROWS
+
+
+def quantize_activations(x: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
+    """x [M, K] -> int8 codes a [M, K/g, g] and scales sx [M, K/g] (both float64, exact), symmetric per
+    group of g features: sx = absmax / 127, a = round-half-even(x / sx), both computed in float32
+    (llama.cpp's Q8_0 without its fp16 scale); an all-zero group has sx = 0 and a = 0."""
+    xg = x.float().reshape(x.shape[0], -1, group_size)
+    sx = xg.abs().amax(-1, keepdim=True) / 127
+    a = torch.where(sx > 0, torch.round(xg / sx), 0.0).clamp(-127, 127)
+    return a.double(), sx.squeeze(-1).double()
+
+
+def _check_a8(name: str, x: Tensor, qweight: Tensor, qdtype: torch.dtype, in_features: int, group: int) -> None:
+    if not x.is_floating_point():
+        raise TypeError(f"qcompile::{name}: input must be a floating-point tensor, got {x.dtype}")
+    if qweight.dtype != qdtype or qweight.dim() != 2:
+        raise TypeError(f"qcompile::{name}: qweight must be a 2-D {qdtype} tensor, "
+                        f"got {qweight.dtype} {tuple(qweight.shape)}")
+    _check_input(name, x, in_features)
+    if group <= 0 or in_features % group or (qdtype == torch.uint8 and group % 2):
+        raise ValueError(f"qcompile::{name}: group size {group} does not divide {in_features} input features"
+                         + (" into groups of even size" if qdtype == torch.uint8 else ""))
+
+
+def _check_int4_a8(x, qweight, scales, zeros, group_size) -> None:
+    _check_a8("int4_mm_a8", x, qweight, torch.uint8, 2 * qweight.shape[-1], group_size)
+    shape = (qweight.shape[0], 2 * qweight.shape[1] // group_size)
+    if not (scales.is_floating_point() and zeros.is_floating_point()):
+        raise TypeError("qcompile::int4_mm_a8: scales and zeros must be floating-point")
+    if scales.shape != shape or zeros.shape != shape:
+        raise ValueError(f"qcompile::int4_mm_a8: scales {tuple(scales.shape)} and zeros {tuple(zeros.shape)} "
+                         f"must be {list(shape)}")
+
+
+def _check_int8_a8(x, qweight, scales, act_group_size) -> None:
+    _check_a8("int8_mm_a8", x, qweight, torch.int8, qweight.shape[-1], act_group_size)
+    if not scales.is_floating_point():
+        raise TypeError("qcompile::int8_mm_a8: scales must be floating-point")
+    if scales.shape != qweight.shape[:1]:
+        raise ValueError(f"qcompile::int8_mm_a8: scales must be [{qweight.shape[0]}] (per channel), "
+                         f"got {tuple(scales.shape)}")
+
+
+def int4_mm_a8_reference(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int) -> Tensor:
+    """x [..., K] @ W.T for an int4 weight, x quantized to int8 per (row, weight group) (any device):
+        y[m,n] = sum_g s[n,g] sx[m,g] (sum_{k in g} q[n,k] a[m,k] - z[n,g] sum_{k in g} a[m,k])
+    in float64 (the integer sums are exact). More than A8_MAX_ROWS rows: `int4_mm_reference`."""
+    _check_int4_a8(x, qweight, scales, zeros, group_size)
+    n, k = qweight.shape[0], 2 * qweight.shape[1]
+    x2 = x.reshape(-1, k)
+    if x2.shape[0] > A8_MAX_ROWS:
+        return int4_mm_reference(x, qweight, scales, zeros, group_size)
+    a, sx = quantize_activations(x2, group_size)
+    q = unpack_nibbles(qweight).double().reshape(n, -1, group_size)
+    dot = torch.einsum("mgk,ngk->mng", a, q) - zeros.double() * a.sum(-1)[:, None, :]
+    y = (scales.double() * sx[:, None, :] * dot).sum(-1)
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def int8_mm_a8_reference(x: Tensor, qweight: Tensor, scales: Tensor, act_group_size: int) -> Tensor:
+    """x [..., K] @ W.T for a per-channel symmetric int8 weight (scales [N]), x quantized to int8 per
+    (row, group of act_group_size features) (any device):
+        y[m,n] = s[n] sum_g sx[m,g] sum_{k in g} q[n,k] a[m,k]
+    in float64. More than A8_MAX_ROWS rows: `int8_mm_reference`."""
+    _check_int8_a8(x, qweight, scales, act_group_size)
+    n, k = qweight.shape
+    x2 = x.reshape(-1, k)
+    if x2.shape[0] > A8_MAX_ROWS:
+        return int8_mm_reference(x, qweight, scales)
+    a, sx = quantize_activations(x2, act_group_size)
+    dot = torch.einsum("mgk,ngk->mng", a, qweight.double().reshape(n, -1, act_group_size))
+    y = scales.double() * (sx[:, None, :] * dot).sum(-1)
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+@torch.library.register_fake("qcompile::int4_mm_a8_kernel")
+def _(x, qweight, scales, zeros, group_size):
+    _check_int4_a8(x, qweight, scales, zeros, group_size)
+    return x.new_empty(*x.shape[:-1], qweight.shape[0])
+
+
+@torch.library.register_fake("qcompile::int8_mm_a8_kernel")
+def _(x, qweight, scales, act_group_size):
+    _check_int8_a8(x, qweight, scales, act_group_size)
+    return x.new_empty(*x.shape[:-1], qweight.shape[0])
+
+
 def int8_embedding(ids: Tensor, qweight: Tensor, scales: Tensor, dtype: torch.dtype,
                    zeros: Tensor | None = None) -> Tensor:
     """Rows `ids` of an int8 table, dequantized to `dtype` (an embedding tied to an int8 lm_head).
@@ -230,6 +329,8 @@ _lib.impl("int8_mm", int8_mm, "CompositeImplicitAutograd")
 _lib.impl("lut_mm_kernel", lut_mm_reference, "CompositeExplicitAutograd")
 _lib.impl("lut_mm", lut_mm, "CompositeImplicitAutograd")
 _lib.impl("int8_embedding", int8_embedding, "CompositeImplicitAutograd")
+_lib.impl("int4_mm_a8_kernel", int4_mm_a8_reference, "CompositeExplicitAutograd")
+_lib.impl("int8_mm_a8_kernel", int8_mm_a8_reference, "CompositeExplicitAutograd")
 
 
 # --- weights packed for a kernel --------------------------------------------------------------
