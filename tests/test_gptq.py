@@ -454,6 +454,16 @@ def test_calibration_accepts_texts_ids_and_lists_and_rejects_the_rest():
     assert "4 x 64 tokens" in model.qcompile_report.graphs[0].notes[0]
 
 
+def test_windows_default_to_64_for_low_bit_per_channel_grids():
+    assert GPTQConfig().samples == GPTQConfig(bits=3, group_size=64).samples == GPTQConfig(bits=4, group_size=None).samples == 32
+    assert GPTQConfig(bits=3, group_size=None).samples == 64 and GPTQConfig(bits=3, group_size=-1, nsamples=8).samples == 8
+    model = tiny_llama()
+    text = " ".join(f"w{i}" for i in range(2000))
+    qcompile.quantize(model, GPTQConfig(bits=3, group_size=None, seqlen=32), calibration=[text],
+                      tokenizer=ByteTokenizer(), progress=False)
+    assert "72 x 32 tokens" in model.qcompile_report.graphs[0].notes[0]  # 64 fitted + 8 held out
+
+
 def test_default_calibration_text_ships_and_is_not_the_evaluation_text():
     from qcompile.tools import devset
 

@@ -502,10 +502,10 @@ def quantize_with_calibration(model: nn.Module, config: GPTQConfig | GANQConfig,
     blocks_path, blocks = decoder_blocks(model)
     from_text = calibration is None or isinstance(calibration, str) or (
         isinstance(calibration, (list, tuple)) and bool(calibration) and all(isinstance(c, str) for c in calibration))
-    extra = (config.nsamples + 7) // 8  # windows cut from a text beyond nsamples, held out (split_heldout)
-    extra = extra if isinstance(config, GPTQConfig) and from_text and config.nsamples + extra >= 9 else 0
+    extra = (config.samples + 7) // 8  # windows cut from a text beyond nsamples, held out (split_heldout)
+    extra = extra if isinstance(config, GPTQConfig) and from_text and config.samples + extra >= 9 else 0
     rows, described = calibration_ids(calibration, model=model, tokenizer=tokenizer,
-                                      nsamples=config.nsamples + extra, seqlen=config.seqlen)
+                                      nsamples=config.samples + extra, seqlen=config.seqlen)
     rows, heldout = split_heldout(rows, config)
     if heldout:
         described += f"; {len(heldout)} of them held out to check against round to nearest"
