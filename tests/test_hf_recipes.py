@@ -201,14 +201,17 @@ def test_baseline_greedy_text_is_sensible(smollm2, prompt, baseline, float_run):
     text = tok.decode(baseline.tokens[0])
     print(f"\nfloat:    {tok.decode(float_run.tokens[0])!r}\nqcompile: {text!r}")
     _assert_not_degenerate(baseline.tokens[0], "baseline")
-    assert baseline.tokens[0, 0] == float_run.tokens[0, 0]
     # The float model finds the text plausible (a static cache that lost its writes produced
     # "------------"): given the text before it, each token is among its top 50 choices, and most
     # are its first choice.
     ids = torch.cat([prompt.input_ids, baseline.tokens], 1)
     with torch.no_grad():
         logits = model(ids).logits[0, prompt.input_ids.shape[1] - 1 : -1]
-    ranks = (logits > logits.gather(1, baseline.tokens[0, :, None])).sum(1)
+    chosen = logits.gather(1, baseline.tokens[0, :, None])
+    ranks = (logits > chosen).sum(1)
+    # The first token may differ from float's only at a near-tie (here ' marked' vs ' often' are
+    # 0.15 logits apart for the float model; the logits' spread is ~3.4).
+    assert logits[0].max() - chosen[0, 0] < 0.5, (logits[0].max() - chosen[0, 0]).item()
     assert ranks.max() < 50 and (ranks == 0).sum() >= NEW // 2, ranks.tolist()
     # The quantized model's greedy text differs from the float one's: a recipe below that silently
     # ran the float model uncompiled would not match the baseline.
