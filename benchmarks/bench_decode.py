@@ -30,6 +30,8 @@ inlines a compiled forward, so the backend under test would never run. Per varia
                   generate's new cache) / their time: median of --repeats generates (fewer when a
                   variant has run past --max-seconds)
   generate tok/s  --tokens / median time of a whole generate (prefill included)
+  bare loop tok/s (--bare) --tokens / median time of a bare greedy loop over the same compiled forward
+                  and a static cache (prefill included, no generate(): `bare_decode`)
 The table says per row whether CUDA graphs were recorded (with Inductor's count of skipped graphs
 and of non-static inputs, which graph replays copy: weights there mean a copy of them per step) and
 which cache generate() used. A variant that fails is a row with the reason, not a crash. Results go
@@ -39,6 +41,7 @@ to decode_<device>_<arch>_static[_<name>].md/.json; --append merges rows into an
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -154,6 +157,39 @@ def static_decode(model, compile_kwargs: dict | None):
     return model
 
 
+def bare_decode(model, ids, tokens: int, device, repeats: int) -> tuple[float, list[int]]:
+    """(tokens/s, tokens) of a bare greedy loop: one static KV cache, the prefill, then one forward
+    per token with argmax between (no generate(), no logits processors); median of `repeats` after
+    one warm-up. The model's forward as static_decode left it (compiled for one-token steps)."""
+    from transformers import StaticCache
+
+    n = ids.shape[1]
+    cache = StaticCache(config=model.config, max_cache_len=n + tokens)
+
+    def run() -> list[int]:
+        cache.reset()
+        out = model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(n, device=device),
+                    use_cache=True, logits_to_keep=1)
+        nxt = out.logits[:, -1:].argmax(-1)
+        got = [nxt]
+        for i in range(tokens - 1):
+            out = model(input_ids=nxt, past_key_values=cache, use_cache=True,
+                        cache_position=torch.tensor([n + i], device=device))
+            nxt = out.logits[:, -1:].argmax(-1)
+            got.append(nxt)
+        synchronize(device)
+        return torch.cat(got, -1)[0].tolist()
+
+    with torch.no_grad():
+        run()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            text = run()
+            times.append(time.perf_counter() - t0)
+    return tokens / statistics.median(times), text
+
+
 def _counts() -> dict:
     c = torch._dynamo.utils.counters
     return {"graphs": c["stats"]["unique_graphs"], "cudagraph_skips": c["inductor"]["cudagraph_skips"],
@@ -207,6 +243,7 @@ def measure_static(name, make, tok, args, device):
             first = time.perf_counter() - t0
             cache = next((out[k] for k in ("cache", "past_key_values") if k in out), None)  # name varies
             text = "-" if tok is None else tok.decode(out.sequences[0, ids.shape[1]:ids.shape[1] + 16])
+            out_ids = out.sequences[0, ids.shape[1]:].tolist()
             del out
             t0 = time.perf_counter()
             model.generate(ids, **gen)
@@ -224,6 +261,11 @@ def measure_static(name, make, tok, args, device):
                 t1 = time.perf_counter()
                 totals.append(t1 - t0)
                 decodes.append(t1 - clock.t)
+            timed_counts = _counts()  # before the bare loop, which compiles its own graph
+            if args.bare:
+                bare, bare_ids = bare_decode(model, ids, args.tokens, device, max(1, len(totals)))
+                row.update(bare_tok_s=round(bare, 1),
+                           bare_matches_generate=bare_ids == out_ids[:len(bare_ids)])
         after = {k: v - before[k] for k, v in _counts().items()}
         if device.type != "cuda":
             graphs = "no (CPU)"
@@ -237,7 +279,7 @@ def measure_static(name, make, tok, args, device):
         row.update(decode_tok_s=round((args.tokens - 2) / statistics.median(decodes), 1),
                    generate_tok_s=round(args.tokens / statistics.median(totals), 1), timed=len(totals),
                    cuda_graphs=graphs, cache=type(cache).__name__ if cache is not None else "?",
-                   graphs=after["graphs"], recompiled_while_timed=_counts()["graphs"] > warm_counts["graphs"],
+                   graphs=after["graphs"], recompiled_while_timed=timed_counts["graphs"] > warm_counts["graphs"],
                    first_s=round(first, 1), warmup_s=round(warm, 1), weight_MiB=_weight_mib(model), text=text,
                    counters=after)
     except Exception as e:
@@ -270,17 +312,20 @@ def write_static(new_rows, args, device, stem):
     lines = [f"# Greedy decode, {what}, batch 1, {args.tokens} new tokens, static KV cache, compiled rows with "
              f'mode="reduce-overhead", median of {args.repeats} ({device}: {where}, torch {torch.__version__}, '
              f"transformers {transformers.__version__})", "",
-             f"| variant | decode tok/s | vs {fname} Inductor | generate tok/s | CUDA graphs | KV cache | graphs "
-             "| first generate (s) | warm-up (s) | weights MiB | note |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"| variant | decode tok/s | vs {fname} Inductor | generate tok/s | bare loop tok/s | CUDA graphs "
+             "| KV cache | graphs | first generate (s) | warm-up (s) | weights MiB | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "skipped" in r:
-            lines.append(f"| {r['variant']} | - | - | - | - | - | - | - | - | - | skipped: {r['skipped']} |")
+            lines.append(f"| {r['variant']} | - | - | - | - | - | - | - | - | - | - | skipped: {r['skipped']} |")
             continue
         vs = f"{r['decode_tok_s'] / ind:.2f}x" if ind else "-"
         note = "; ".join(n for n in (f"{r['timed']} timed" if r["timed"] < args.repeats else "",
-                                     "recompiled while timed" if r["recompiled_while_timed"] else "") if n)
-        lines.append(f"| {r['variant']} | {r['decode_tok_s']} | {vs} | {r['generate_tok_s']} | {r['cuda_graphs']} "
+                                     "recompiled while timed" if r["recompiled_while_timed"] else "",
+                                     "bare loop's tokens differ from generate's"
+                                     if r.get("bare_matches_generate") is False else "") if n)
+        lines.append(f"| {r['variant']} | {r['decode_tok_s']} | {vs} | {r['generate_tok_s']} "
+                     f"| {r.get('bare_tok_s', '-')} | {r['cuda_graphs']} "
                      f"| {r['cache']} | {r['graphs']} | {r['first_s']} | {r['warmup_s']} | {r['weight_MiB']} | {note} |")
     table = "\n".join(lines)
     RESULTS.mkdir(exist_ok=True)
@@ -304,18 +349,27 @@ def variants(args, device):
         m.compile()  # nn.Module.compile: generate() then runs the compiled forward
         return m
 
-    def with_qcompile(m):
+    def config_for(m, activations):
+        """The default recipe, with cpu_activations set (None: as the default has it)."""
+        config = qcompile.default_config(m)
+        return config if activations is None else dataclasses.replace(config, cpu_activations=activations)
+
+    def with_qcompile(m, activations=None, fuse=True):
+        backend = qcompile if activations is None and fuse else \
+            qcompile.backend(config_for(m, activations), fuse_projections=fuse)
         if args.static:
-            return static_decode(m, dict(backend=qcompile, **REDUCE_OVERHEAD))
-        return torch.compile(m, backend=qcompile)
+            return static_decode(m, dict(backend=backend, **REDUCE_OVERHEAD))
+        return torch.compile(m, backend=backend)
 
-    def qcompile_backend():
-        return with_qcompile(fresh())
+    def qcompile_backend(activations=None):
+        return lambda: with_qcompile(fresh(), activations)
 
-    def qcompile_ahead():
-        m = fresh()
-        qcompile.quantize(m, progress=False)
-        return with_qcompile(m)
+    def qcompile_ahead(activations=None, fuse=True):
+        def make():
+            m = fresh()
+            qcompile.quantize(m, config_for(m, activations), progress=False)
+            return with_qcompile(m, fuse=fuse)
+        return make
 
     def checkpoint(path):
         def load():
@@ -325,9 +379,13 @@ def variants(args, device):
         return load
 
     fname = str(args.dtype).removeprefix("torch.")
-    out = [(f"{fname} eager", eager), (f"{fname} Inductor", inductor),
-           ("qcompile (backend=qcompile)", qcompile_backend),
-           ("qcompile (quantize + compile)", qcompile_ahead)]
+    out = [(f"{fname} eager", eager), (f"{fname} Inductor", inductor)]
+    for a in args.cpu_activations or [None]:
+        x = "" if a is None else f", x {a}"
+        out += [(f"qcompile (backend=qcompile{x})", qcompile_backend(a)),
+                (f"qcompile (quantize + compile{x})", qcompile_ahead(a))]
+        if getattr(args, "unfused", False):
+            out.append((f"qcompile (quantize + compile{x}, unfused)", qcompile_ahead(a, fuse=False)))
     out += [(f"qcompile checkpoint {Path(c).name}", checkpoint(c)) for c in args.checkpoint or ()]
     if args.static:
         out.append(torchao_static(args, device, fresh))
@@ -396,6 +454,13 @@ def main():
     p.add_argument("--max-seconds", type=float, help="--static: stop a variant's timed generates once it has "
                    "run this long (at least one is timed)")
     p.add_argument("--append", action="store_true", help="--static: merge the rows into an existing results file")
+    p.add_argument("--bare", action="store_true", help="--static: also time a bare greedy loop (static cache, "
+                   "the compiled one-token forward, argmax; no generate()): the 'bare loop tok/s' column")
+    p.add_argument("--unfused", action="store_true", help="also time quantize + compile with "
+                   "fuse_projections=False (q/k/v and gate/up as separate ops)")
+    p.add_argument("--cpu-activations", nargs="*", choices=("int8", "float"),
+                   help="one row per qcompile variant and value of QuantConfig.cpu_activations (default: the "
+                   "default recipe's)")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args.dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))

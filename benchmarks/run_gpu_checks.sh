@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark, in parts that each fit one device call (< 8 minutes on an H200),
 # from a source tree (no pip install needed; torch 2.11 / triton 3.6 on the device image):
-#     bash benchmarks/run_gpu_checks.sh PART OUT_DIR      PART: kernels | decode | tests | all
+#     bash benchmarks/run_gpu_checks.sh PART OUT_DIR      PART: kernels | decode | tests | quik | all
 # kernels  int4 and LUT kernel benchmarks on Llama-7B shapes (tables + floors), their split-K and
 #          launcher correctness tests                                              (~4 min)
 # decode   end-to-end decode, static cache + CUDA graphs: Llama-3.2-1B and Llama-3-8B shapes,
 #          bf16 Inductor vs qcompile vs torchao int4 (benchmarks/gpu_decode.sh)  (~6 min)
 # tests    the remaining GPU tests: Inductor lowerings, whole models, attention  (~6 min)
+# quik     QUIK's Triton int8 GEMM and quik_mm on CUDA, and their speed vs fp16 cuBLAS (~2 min)
 # Logs and tables land in OUT_DIR; every step has its own timeout, so one slow step cannot eat the
 # device budget. Exits non-zero if any step failed.
 set -uo pipefail
-part=${1:?usage: $0 kernels|decode|tests|all OUT_DIR}
+part=${1:?usage: $0 kernels|decode|tests|quik|all OUT_DIR}
 out=${2:?usage: $0 PART OUT_DIR}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
@@ -49,5 +50,10 @@ if [ "$part" = tests ] || [ "$part" = all ]; then
     step test_gpu_attention 100 python -m pytest -m gpu -q -rs tests/test_gpu_attention.py
     step bench_attention 60 python benchmarks/bench_attention.py --skip-models
     cp benchmarks/results/attention_cuda.md "$out/" 2>/dev/null
+fi
+if [ "$part" = quik ] || [ "$part" = all ]; then
+    step test_gpu_quik 120 python -m pytest -m gpu -q -rs tests/test_gpu_quik.py
+    step bench_quik_cuda 120 python benchmarks/bench_quik.py --speed --device cuda
+    cp benchmarks/results/quik_cuda_speed.md "$out/" 2>/dev/null
 fi
 exit $status

@@ -10,7 +10,7 @@ import warnings
 
 import torch
 
-from qcompile.formats import Int4Weight, Int8Weight, LutWeight
+from qcompile.formats import Int4Weight, Int8Weight, LutWeight, QuikWeight
 from qcompile.ops import KERNEL_LOADERS, PackedLinear
 
 from . import cpu_kernels
@@ -37,6 +37,13 @@ try:
 except Exception as _e:
     if not (isinstance(_e, ImportError) and _e.name == "triton"):
         warnings.warn(f"qcompile: Triton attention kernel unavailable ({type(_e).__name__}: {_e})", stacklevel=2)
+
+# CUDA path of qcompile::int8_gemm (QUIK's integer GEMM, Triton); without triton the op runs its reference.
+try:
+    from . import triton_int8_gemm
+except Exception as _e:
+    if not (isinstance(_e, ImportError) and _e.name == "triton"):
+        warnings.warn(f"qcompile: Triton int8 GEMM unavailable ({type(_e).__name__}: {_e})", stacklevel=2)
 
 # CUDA path of qcompile::lut_mm (LUT-mpGEMM Triton kernel + Inductor lowering), the same way.
 try:
@@ -65,32 +72,46 @@ def unsupported_reason(fmt: str, out_features: int, in_features: int, group_size
         return None
     if fmt == "lut":
         return None if in_features % 2 == 0 else f"lut codes pack two per byte: in_features {in_features} must be even"
+    if fmt == "quik":
+        return None  # qcompile::int8_gemm: oneDNN on CPU, the exact reference elsewhere
     return f"no kernel for format {fmt!r}"
 
 
-def pack(weight: Int4Weight | Int8Weight | LutWeight, device: torch.device | str) -> PackedLinear:
-    """The weight on `device`, with the op that multiplies by it."""
+def pack(weight: Int4Weight | Int8Weight | LutWeight | QuikWeight, device: torch.device | str,
+         cpu_activations: str = "float") -> PackedLinear:
+    """The weight on `device`, with the op that multiplies by it. cpu_activations="int8" picks the
+    int8-activation op where a CPU kernel serves the weight (`PackedLinear.activations`)."""
     device = torch.device(device)
     if isinstance(weight, Int4Weight):
         w = Int4Weight(*(t.to(device) for t in (weight.qweight, weight.scales, weight.zeros)), weight.group_size,
                        weight.bits, None if weight.perm is None else weight.perm.to(device))
         tensors = {n: t for n, t in w.tensors().items() if n != "perm"}
-        return PackedLinear("int4", tensors, (w.group_size,), w.in_features, w.out_features, w.meta(), w.perm)
+        return PackedLinear("int4", tensors, (w.group_size,), w.in_features, w.out_features, w.meta(), w.perm,
+                            cpu_activations)
     if isinstance(weight, Int8Weight):
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         w = Int8Weight(move(weight.qweight), move(weight.scales), move(weight.zeros), weight.group_size,
                        move(weight.perm))
         tensors = {n: t for n, t in w.tensors().items() if n != "perm"}  # op(x, qweight, scales[, zeros])
-        return PackedLinear("int8", tensors, (), w.in_features, w.out_features, w.meta(), w.perm)
+        return PackedLinear("int8", tensors, (), w.in_features, w.out_features, w.meta(), w.perm, cpu_activations)
     if isinstance(weight, LutWeight):
         if weight.outliers is not None:
             raise NotImplementedError("no kernel runs lookup-table weights with a sparse outlier part yet")
         w = LutWeight(weight.codes.to(device), weight.tables.to(device), weight.bits)
         return PackedLinear("lut", w.tensors(), (), w.in_features, w.out_features, w.meta())
+    if isinstance(weight, QuikWeight):
+        w = QuikWeight(*(t.to(device) for t in (weight.qweight, weight.scales, weight.int_idx, weight.fp_idx,
+                                                 weight.fp_weight)), weight.bits, weight.act_bits)
+        # float columns in the compute dtype of the device (fp16 matmuls are slow on CPU)
+        fp = w.fp_weight.float() if device.type == "cpu" else w.fp_weight
+        tensors = {"qweight": w.qweight, "scales": w.scales, "rowsum": w.rowsum(), "int_idx": w.int_idx,
+                   "fp_idx": w.fp_idx, "fp_weight": fp}
+        return PackedLinear("quik", tensors, (w.act_bits,), w.in_features, w.out_features,
+                            w.meta() | {"dtype_fp": str(w.fp_weight.dtype)})
     raise TypeError(f"no kernel layout for {type(weight).__name__}")
 
 
-def unpack(packed: PackedLinear) -> Int4Weight | Int8Weight | LutWeight:
+def unpack(packed: PackedLinear) -> Int4Weight | Int8Weight | LutWeight | QuikWeight:
     """The canonical format back (on the layout's device)."""
     t = packed.tensors
     if packed.layout == "int4":
@@ -100,4 +121,8 @@ def unpack(packed: PackedLinear) -> Int4Weight | Int8Weight | LutWeight:
         return Int8Weight(t["qweight"], t["scales"], t.get("zeros"), packed.meta.get("group_size"), packed.perm)
     if packed.layout == "lut":
         return LutWeight(t["codes"], t["tables"], packed.meta["bits"])
+    if packed.layout == "quik":
+        fp_dtype = getattr(torch, packed.meta["dtype_fp"].removeprefix("torch."))
+        return QuikWeight(t["qweight"], t["scales"], t["int_idx"], t["fp_idx"], t["fp_weight"].to(fp_dtype),
+                          packed.meta["bits"], packed.consts[0])
     raise ValueError(f"unknown layout {packed.layout!r}")

@@ -22,6 +22,7 @@
 // Built at first use by cpu_kernels.py (-O3 -march=native) and loaded with torch.ops.load_library.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/_int_mm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <torch/library.h>
@@ -767,9 +768,31 @@ at::Tensor int8_mm_a8_cpu(const at::Tensor& x, const at::Tensor& qweight, const 
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
+// QUIK's integer part (qcompile/ops/quik.py): int32 group sums of a [M, K] @ b [N, K]^T, one oneDNN s8s8s32
+// GEMM per weight group (VNNI vpdpbusd where the CPU has it). A is handed over with strides (K, 1): oneDNN
+// reads lda from stride(0), and a one-row view with stride 0 (Inductor's broadcast token) gives lda = 0 and
+// garbage (pytorch #195066).
+at::Tensor int8_gemm_cpu(const at::Tensor& a, const at::Tensor& b, int64_t groups) {
+  TORCH_CHECK_TYPE(a.scalar_type() == at::kChar && b.scalar_type() == at::kChar && a.dim() == 2 && b.dim() == 2,
+                   "qcompile::int8_gemm: int8 [M, K] and [N, K] operands expected, got ", a.scalar_type(), " ",
+                   a.sizes(), " and ", b.scalar_type(), " ", b.sizes());
+  const int64_t m = a.size(0), k = a.size(1), n = b.size(0);
+  TORCH_CHECK_VALUE(b.size(1) == k && groups > 0 && k % groups == 0, "qcompile::int8_gemm: ", a.sizes(), " @ ",
+                    b.sizes(), "^T in ", groups, " groups of K");
+  const auto ad = (a.stride(1) == 1 && a.stride(0) == k) ? a : at::empty({m, k}, a.options()).copy_(a);
+  auto out = at::empty({groups, m, n}, a.options().dtype(at::kInt));
+  const int64_t g = k / groups;
+  for (int64_t i = 0; i < groups; ++i) {
+    auto out_i = out.select(0, i);
+    at::_int_mm_out(out_i, groups == 1 ? ad : ad.narrow(1, i * g, g).contiguous(), b.narrow(1, i * g, g).t());
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(QCOMPILE_OPS, CPU, m) {
+  m.impl("int8_gemm", &int8_gemm_cpu);
   m.impl("int4_mm_kernel", &int4_mm_cpu);
   m.impl("int8_mm_kernel", &int8_mm_cpu);
   m.impl("lut_mm_kernel", &lut_mm_cpu);

@@ -6,12 +6,15 @@ qcompile ops and records its decisions in ``ctx.report``. Passes know formats an
 from .context import PassContext, WeightStore, STORE
 from .attention import rewrite_attention
 from .linear import quantize_linears
+from .fuse_quantized import fuse_quantized
 
-# The passes touch disjoint nodes (linears read parameters; attention reads activations), so the order
-# does not change the result; attention runs second so that pass 0 stays the linear pass in reports.
+# The passes touch disjoint nodes (linears read parameters; attention reads activations; the fusion
+# reads ops quantized ahead of time), so the order does not change the result; the linear pass comes
+# first so that it reports the ops the fusion then merges, and reports keep pass 0 linear, 1 attention.
 PASSES = [
     ("linear", quantize_linears),
     ("attention", rewrite_attention),
+    ("fuse_quantized", fuse_quantized),
 ]
 
 __all__ = ["PASSES", "PassContext", "WeightStore", "STORE"]

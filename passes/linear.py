@@ -8,7 +8,8 @@ Pattern:      y = linear(x, W, b)             W [out, in]   (nn.Linear)
                   contiguous() or clone() in between is looked through)
               y = einsum("...i,oi->...o", x, W)   a plain linear contraction, either storage
                   and either operand order ("bsi,io->bso", "oi,bi->bo", ...)
-Replacement:  y = qcompile::<layout op>(x, *packed(W [out, in])) + b
+Replacement:  y = qcompile::<layout op>(x, *packed(W [out, in])) + b   (on CPU with cpu_activations="int8":
+                  the int8-activation op of the layout, `PackedLinear.activations`)
               siblings reading the same x (q/k/v, gate/up) share one op over their stacked
               weights, and each takes its slice of the output.
 Check:        W is a 2-D nn.Parameter; `methods.plan_linear` accepts the layer (config, shape,
@@ -32,7 +33,7 @@ import torch.fx as fx
 from qcompile import _compat, lowering
 from qcompile.formats import Int4Weight, Int8Weight
 from qcompile.methods import LinearPlan, plan_linear, quantize_linear
-from qcompile.ops import QUANTIZED_LINEAR_OPS
+from qcompile.ops import A8_OPS, QUANTIZED_LINEAR_OPS, QUIK_MM
 from qcompile.report import LinearReport
 
 from .analysis import FloatMatmul, LinearSite, input_scale, matmul_sites, module_path, shape_of
@@ -45,10 +46,10 @@ def _float_bytes(n: int, k: int) -> int:
 
 
 def _record(ctx: PassContext, plan: LinearPlan, op: str | None, quant_bytes: int | None = None, notes=(),
-            weight: str | None = None):
+            weight: str | None = None, activations: str | None = None):
     ctx.report.linears.append(LinearReport(plan.path, plan.in_features, plan.out_features, op, plan.reason,
                                            list(plan.notes) + list(notes), _float_bytes(plan.out_features, plan.in_features),
-                                           quant_bytes, weight))
+                                           quant_bytes, weight, activations))
 
 
 def _record_reuse(ctx: PassContext, members, params) -> None:
@@ -98,9 +99,16 @@ def _report_prequantized(gm: fx.GraphModule, ctx: PassContext) -> int:
             quant = sum(t.numel() * t.element_size() for a in node.args[1:]
                         if isinstance(a, fx.Node) and isinstance(t := ctx.values.get(a), torch.Tensor))
             plan = LinearPlan(module_path(node, prefix=ctx.path_prefix), k, n, reason="quantized ahead of time (qcompile.quantize / load)")
-            _record(ctx, plan, str(node.target.name()), quant)
+            _record(ctx, plan, str(node.target.name()), quant,
+                    activations=_activations(node, ctx))
             count += 1
     return count
+
+
+def _activations(node: fx.Node, ctx: PassContext) -> str:
+    if node.target is QUIK_MM:
+        return f"int{node.args[-1]}"
+    return "int8" if node.target in A8_OPS.values() else "float"
 
 
 def _weight_oi(site: LinearSite, w: torch.Tensor) -> torch.Tensor:
@@ -152,7 +160,8 @@ def _quantize_group(ctx: PassContext, members, importances) -> object:
         w = _weight_oi(site, ctx.values[site.weight])
         weights.append(quantize_linear(ctx.config, plan, w, importance))
     fmt = Int4Weight if isinstance(weights[0], Int4Weight) else Int8Weight
-    return lowering.pack(fmt.cat(weights) if len(weights) > 1 else weights[0], ctx.device)
+    return lowering.pack(fmt.cat(weights) if len(weights) > 1 else weights[0], ctx.device,
+                         members[0][1].cpu_activations)
 
 
 def _unique_input_name(graph: fx.Graph, base: str, keys) -> str:
@@ -189,7 +198,7 @@ def _rewrite(graph: fx.Graph, ctx: PassContext, members, first: fx.Node) -> list
     base = _unique_input_name(graph, "qc_" + members[0][1].path.replace(".", "_"), packed.tensors)
     inputs = [ctx.add_input(graph, f"{base}_{name}", t) for name, t in packed.tensors.items()]
     with graph.inserting_before(first):
-        y = graph.call_function(packed.op, (x, *inputs, *packed.consts))
+        y = graph.call_function(packed.op, (x, *inputs, *packed.op_consts))
         offset = 0
         fused_with = [s.weight_name or p.path.rsplit(".", 1)[-1] for s, p in members]
         for site, plan in members:
@@ -202,7 +211,8 @@ def _rewrite(graph: fx.Graph, ctx: PassContext, members, first: fx.Node) -> list
             site.node.replace_all_uses_with(out)
             notes = ["one op for " + "+".join(fused_with)] if len(members) > 1 else []
             share = plan.out_features / packed.out_features
-            _record(ctx, plan, str(packed.op.name()), int(packed.nbytes * share), notes, site.weight_name)
+            _record(ctx, plan, str(packed.op.name()), int(packed.nbytes * share), notes, site.weight_name,
+                    packed.activations)
     orphaned = []
     for site, _ in members:
         orphaned += site.node.all_input_nodes

@@ -12,6 +12,7 @@ import torch
 
 # Group sizes every int4 kernel (CPU and Triton) serves.
 INT4_GROUP_SIZES = (32, 64, 128, 256)
+CPU_ACTIVATIONS = ("int8", "float")  # QuantConfig.cpu_activations
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,13 @@ class QuantConfig:
             blocks wider. `default_config` keeps a language model's last decoder block at int8.
         min_features: linears with fewer input or output features stay in float (too small to gain).
         scale_dtype: storage dtype of scales (zero-points, in code units, are kept in fp16).
+        cpu_activations: what decode-size inputs (at most 8 rows) of int4 layers and of an int8
+            lm_head are multiplied as on CPU: ``"int8"`` (default) quantizes them to int8 per group
+            of the weight's features (per 64 for the lm_head) and runs integer dot products (W4A8 /
+            W8A8, as llama.cpp does); ``"float"`` keeps float32 activations (W4A16). Larger inputs
+            (prefill), other int8 layers and other devices run float activations
+            (`cpu_activations_for`). On SmolLM2-135M: faster decode at a perplexity within 1% of
+            float activations' (benchmarks/results/w4a8_cpu.md).
     """
 
     lm_head: bool = True
@@ -38,6 +46,7 @@ class QuantConfig:
     int8: tuple[str, ...] = ()
     min_features: int = 32
     scale_dtype: torch.dtype = torch.bfloat16
+    cpu_activations: str = "int8"
 
     method = "base"
     needs_calibration = False  # True: only `qcompile.quantize(..., calibration=...)` can apply it
@@ -55,6 +64,9 @@ class QuantConfig:
                 f"{type(self).__name__}.scale_dtype={self.scale_dtype} is not supported: "
                 "use torch.bfloat16, torch.float16 or torch.float32"
             )
+        if self.cpu_activations not in CPU_ACTIVATIONS:
+            raise ValueError(f"{type(self).__name__}(cpu_activations={self.cpu_activations!r}): use 'int8' "
+                             "(int8 activations for CPU decode, the default) or 'float' (float activations)")
 
     def skip_reason(self, path: str) -> str | None:
         """Why the linear at module path `path` stays in float, or None if the config wants it quantized."""
@@ -91,6 +103,8 @@ class QuantConfig:
             d["table_dtype"] = getattr(torch, d["table_dtype"])
         d["skip"] = tuple(d.get("skip", ()))
         d["int8"] = tuple(d.get("int8", ()))
+        if "w8a8" in d:
+            d["w8a8"] = tuple(d["w8a8"])
         return cls(**d)
 
 
@@ -310,7 +324,85 @@ class GANQConfig(CalibratedConfig):
         return d
 
 
-CONFIGS: dict[str, type[QuantConfig]] = {"rtn": RTNConfig, "gptq": GPTQConfig, "ganq": GANQConfig}
+@dataclass(frozen=True)
+class QUIKConfig(CalibratedConfig):
+    """QUIK (Ashkboos et al., EMNLP 2024): 4-bit weights and 4-bit activations, with the few input
+    channels whose activations are largest kept in float ("outlier columns").
+
+    Applied by ``qcompile.quantize(model, QUIKConfig(), calibration=...)`` (calibration may be
+    omitted: qcompile's default text is used). Calibration records each layer's per-input-channel
+    max|x| and Hessian; the `outliers` channels with the largest max|x| stay float, and GPTQ
+    quantizes the other columns on a symmetric grid, processing the outlier columns last so that
+    they absorb the rounding error. At run time activations are quantized per token (asymmetric,
+    `qcompile.ops.quik.quantize_activations`) and multiplied in integers (`qcompile::quik_mm`).
+
+    Attributes:
+        bits: weight bits of the integer part (4; 8 is what `w8a8` layers get).
+        act_bits: activation bits (4 or 8), per token, asymmetric.
+        outliers: float columns per layer: a fraction of the layer's input features (a float < 1),
+            or a count (an int). QUIK's 256 columns are 6% of a 4096-wide model; scaled to the
+            layer as a fraction, so a 576-wide SmolLM2 layer keeps about the same share. Rounded
+            up so the integer columns split into whole weight groups.
+        w8a8: fnmatch patterns of module paths run with 8-bit weights and activations (QUIK's
+            ``--int8_down_proj``: down_proj's inputs, after the gated activation, have the widest
+            range) with twice the outlier columns.
+        group_size: None (or -1) for one weight scale per output channel (QUIK's choice, one integer
+            GEMM), or 32/64/128/256: a scale per group of integer columns (a GEMM per group, the
+            int32 sums scaled per group).
+        clip_search, damp_percent, block_size: GPTQ's, see `GPTQConfig`.
+        true_sequential, nsamples, seqlen, batch_size: as in `GPTQConfig`.
+    """
+
+    bits: int = 4
+    act_bits: int = 4
+    outliers: float | int = 0.05
+    w8a8: tuple[str, ...] = ("*.down_proj", "*.fc2")
+    group_size: int | None = None
+    clip_search: bool = True
+    damp_percent: float = 0.01
+    block_size: int = 128
+
+    method = "quik"
+
+    def validate(self) -> None:
+        super().validate()
+        name = type(self).__name__
+        if self.bits not in (2, 3, 4, 8):
+            raise ValueError(f"{name}(bits={self.bits}) is not supported: use 4 (or 2, 3, 8)")
+        if self.act_bits not in (4, 8):
+            raise ValueError(f"{name}(act_bits={self.act_bits}) is not supported: use 4 or 8")
+        if self.group_size is not None and self.group_size not in INT4_GROUP_SIZES:
+            raise ValueError(f"{name}(group_size={self.group_size}) is not supported: use one of "
+                             f"{INT4_GROUP_SIZES} or None / -1 (per output channel)")
+        o = self.outliers
+        if isinstance(o, bool) or not isinstance(o, (int, float)) or o < 0 or (isinstance(o, float) and o >= 1):
+            raise ValueError(f"{name}(outliers={o!r}): use a fraction of the input features in [0, 1) "
+                             "(e.g. 0.05) or a whole number of columns (e.g. 32)")
+        check_calibration_fields(self, ("block_size", "nsamples", "seqlen", "batch_size"),
+                                 ("clip_search", "true_sequential"))
+        if self.lm_head and self.lm_head_bits != 8:
+            raise ValueError(f"{name}(lm_head_bits={self.lm_head_bits}): QUIK keeps the lm_head out of the "
+                             "integer GEMMs: use lm_head_bits=8 (int8 weights, the default) or lm_head=False")
+
+    def is_w8a8(self, path: str) -> bool:
+        return any(fnmatch.fnmatchcase(path, p) for p in self.w8a8)
+
+    def layer_bits(self, path: str) -> tuple[int, int]:
+        """(weight bits, activation bits) of the layer at `path`."""
+        return (8, 8) if self.is_w8a8(path) else (self.bits, self.act_bits)
+
+    def outlier_count(self, path: str, in_features: int) -> int:
+        """Float columns of the layer at `path`, before rounding to whole groups."""
+        k = round(self.outliers * in_features) if isinstance(self.outliers, float) else self.outliers
+        return min(2 * k if self.is_w8a8(path) else k, in_features)
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        d["w8a8"] = list(self.w8a8)
+        return d
+
+
+CONFIGS: dict[str, type[QuantConfig]] = {"rtn": RTNConfig, "gptq": GPTQConfig, "ganq": GANQConfig, "quik": QUIKConfig}
 
 
 MIN_BLOCKS_FOR_INT8_LAST = 8
@@ -359,6 +451,16 @@ def is_encoder(model) -> bool:
 def is_output_head(path: str) -> bool:
     """Whether a module path names a language model's output projection."""
     return path.rsplit(".", 1)[-1] in ("lm_head", "embed_out")
+
+
+def cpu_activations_for(requested: str, path: str, fmt: str | None) -> str:
+    """The activations a layer at module path `path` in format `fmt` runs CPU decode with, for a
+    config's cpu_activations=`requested`: int8 layers other than the lm_head keep float ones (on
+    SmolLM2 the default recipe's int8 last block cost +0.19% perplexity with int8 activations, as
+    much as the lm_head, for ~1/7 of its time saved: benchmarks/results/w4a8_cpu.md)."""
+    if fmt == "int8" and not is_output_head(path):
+        return "float"
+    return requested
 
 
 def per_channel_as_none(group_size: int | None) -> int | None:

@@ -63,6 +63,6 @@ def _describe_prequantized(report: Report, model: nn.Module) -> None:
             lin.reason = f"quantized ahead of time: {meta['format']}" + (f" g{g}" if g else " per channel")
             if lin.path in reasons:
                 lin.reason = f"quantized ahead of time: {reasons[lin.path].reason}"
-                lin.notes = list(reasons[lin.path].notes)
+                lin.notes = list(reasons[lin.path].notes) + [n for n in lin.notes if n not in reasons[lin.path].notes]
             if meta.get("act_order"):
                 lin.notes.append("act_order: the input is gathered (index_select) before the op")

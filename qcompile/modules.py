@@ -6,51 +6,71 @@ ordinary graph inputs, `.to()` moves them and `state_dict` lists them) and calls
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor, nn
 
 from . import lowering
 from .config import is_output_head
-from .ops import LAYOUT_OPS, PackedLinear
+from .ops import PackedLinear
+from .ops.linear import ROW_BLOCK_OPS, layout_op
 from .report import LinearReport
 
 
 class QuantLinear(nn.Module):
-    """A linear layer whose weight is quantized; ``forward(x) = op(x, *packed) + bias``."""
+    """A linear layer whose weight is quantized; ``forward(x) = op(x, *packed) + bias``.
 
-    def __init__(self, packed: PackedLinear, bias: Tensor | None = None):
+    ``cpu_activations`` ("int8" or "float", the packed weight's own by default) is kept across
+    moves: on CPU the op is the int8-activation one where a kernel serves the layout, elsewhere
+    the float one (`PackedLinear.activations`); ``activations`` says which runs now."""
+
+    def __init__(self, packed: PackedLinear, bias: Tensor | None = None, cpu_activations: str | None = None):
         super().__init__()
         self.in_features = packed.in_features
         self.out_features = packed.out_features
+        self.cpu_activations = cpu_activations or packed.cpu_activations
         self._set_packed(packed)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
     def _set_packed(self, packed: PackedLinear) -> None:
+        """Hold `packed`'s tensors; the op follows this layer's cpu_activations, not packed's."""
         for name in getattr(self, "_tensor_names", ()):
             delattr(self, name)
+        packed = dataclasses.replace(packed, cpu_activations=self.cpu_activations)
         self.layout, self.consts, self.format_meta = packed.layout, packed.consts, packed.meta
+        # resolved once here (what the op is depends on the device and the layout); the op itself is
+        # looked up per call: an OpOverload in the module's __dict__ would make it unpicklable
+        self.activations, self._op_consts = packed.activations, packed.op_consts
         self._tensor_names = tuple(packed.tensors)
         for name, t in packed.tensors.items():
             self.register_buffer(name, t)
         self.register_buffer("perm", packed.perm)  # act_order input order, or None
 
+    def set_cpu_activations(self, value: str) -> None:
+        """Switch the activations of CPU decode ("int8" or "float") without re-quantizing."""
+        packed = dataclasses.replace(self.packed_weight(), cpu_activations=value)  # checks the value
+        self.cpu_activations = value
+        self._set_packed(packed)
+
     def packed_weight(self) -> PackedLinear:
         return PackedLinear(self.layout, {n: getattr(self, n) for n in self._tensor_names}, self.consts,
-                            self.in_features, self.out_features, self.format_meta, self.perm)
+                            self.in_features, self.out_features, self.format_meta, self.perm, self.cpu_activations)
 
     @property
     def layout_op(self):
-        return LAYOUT_OPS[self.layout]
+        return layout_op(self.layout, self.activations)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.perm is not None:  # act_order: gather the K inputs, not the N x K weight
             x = x.index_select(-1, self.perm)
-        y = self.layout_op(x, *(getattr(self, n) for n in self._tensor_names), *self.consts)
+        y = self.layout_op(x, *(getattr(self, n) for n in self._tensor_names), *self._op_consts)
         return y if self.bias is None else y + self.bias
 
     def _apply(self, fn, recurse=True):
-        # Moving to another device re-packs for that device's kernel; dtype casts (model.half())
-        # leave the packed weight alone: its dtypes belong to the kernel, not to the model.
+        # Moving to another device re-packs for that device's kernel (and activations: int8 ones
+        # only on CPU); dtype casts (model.half()) leave the packed weight alone: its dtypes belong
+        # to the kernel, not to the model.
         current = getattr(self, self._tensor_names[0]).device
         target = fn(torch.empty(0, device=current)).device
         if target != current:
@@ -62,7 +82,8 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         g = self.format_meta.get("group_size")
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"format={self.format_meta['format']}, group_size={g}, layout={self.layout}, bias={self.bias is not None}")
+                f"format={self.format_meta['format']}, group_size={g}, layout={self.layout}, "
+                f"activations={self.activations}, bias={self.bias is not None}")
 
 
 class QuantEmbedding(nn.Module):
@@ -87,6 +108,60 @@ class QuantEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, int8 table shared with the lm_head"
+
+
+def _sibling_key(layer: QuantLinear):
+    tensors = [getattr(layer, n) for n in layer._tensor_names]
+    return (layer.layout, layer.consts, layer.in_features, layer.activations, layer._tensor_names,
+            tuple((t.dtype, t.device, tuple(t.shape[1:])) for t in tensors), layer.perm is None)
+
+
+def colocate_siblings(model: nn.Module) -> int:
+    """Store the packed tensors of QuantLinears that share a parent, a layout and an input width
+    end to end in one buffer each (a layer's tensors become row slices of it).
+
+    Nothing changes in what a layer computes; the backend then runs siblings that read the same
+    input (q/k/v, gate/up) as one op over the combined rows (`qcompile.passes.fuse_quantized`)
+    without copying a weight. Returns the number of layers moved into shared buffers. Moving the
+    model to another device (`.to()`) repacks each layer on its own: call this again after.
+    """
+    moved = 0
+    for parent in model.modules():
+        _share_indices([c for c in parent.children() if isinstance(c, QuantLinear) and c.layout == "quik"])
+        groups: dict = {}
+        for child in parent.children():
+            # act_order: x is gathered per layer; QUIK: its index tensors are not rows
+            if isinstance(child, QuantLinear) and child.perm is None and child.layout_op in ROW_BLOCK_OPS:
+                groups.setdefault(_sibling_key(child), []).append(child)
+        for layers in groups.values():
+            if len(layers) < 2 or _end_to_end(layers):
+                continue
+            for name in layers[0]._tensor_names:
+                whole = torch.cat([getattr(m, name) for m in layers])
+                start = 0
+                for m in layers:
+                    rows = getattr(m, name).shape[0]
+                    setattr(m, name, whole[start:start + rows])  # a registered buffer: stays one
+                    start += rows
+            moved += len(layers)
+    return moved
+
+
+def _share_indices(layers: list[QuantLinear]) -> None:
+    """QUIK siblings with the same outlier channels hold one pair of index tensors, so the compiled
+    graph sees one input and quantizes the shared activation once."""
+    for i, m in enumerate(layers):
+        for first in layers[:i]:
+            if first.int_idx is not m.int_idx and first.int_idx.shape == m.int_idx.shape and \
+                    torch.equal(first.int_idx, m.int_idx) and torch.equal(first.fp_idx, m.fp_idx):
+                m.int_idx, m.fp_idx = first.int_idx, first.fp_idx
+                break
+
+
+def _end_to_end(layers) -> bool:
+    """True if every packed tensor of `layers` already lies row after row in one storage."""
+    from .ops.linear import rows_end_to_end
+    return all(rows_end_to_end([getattr(m, n) for m in layers]) for n in layers[0]._tensor_names)
 
 
 # --- swapping layers in a model (qcompile.quantize, the calibration pass, checkpoint loading) ---
@@ -126,7 +201,7 @@ def install(model: nn.Module, path: str, mod: nn.Module, weight, plan, input_emb
     layer's device; an int8 lm_head tied to the input embedding shares its table with it."""
     float_bytes = 2 * plan.in_features * plan.out_features
     device = getattr(mod, "weight").device
-    packed = lowering.pack(weight, device)
+    packed = lowering.pack(weight, device, plan.cpu_activations)
     qlinear = QuantLinear(packed, mod.bias)
     tied = input_emb is not None and getattr(input_emb, "weight", None) is mod.weight
     _set_module(model, path, qlinear)
@@ -137,7 +212,7 @@ def install(model: nn.Module, path: str, mod: nn.Module, weight, plan, input_emb
     elif tied:
         plan.notes.append("tied input embedding keeps its float table")
     return LinearReport(path, plan.in_features, plan.out_features, str(packed.op.name()), plan.reason,
-                        plan.notes, float_bytes, packed.nbytes)
+                        plan.notes, float_bytes, packed.nbytes, activations=packed.activations)
 
 
 def untie(model: nn.Module) -> None:

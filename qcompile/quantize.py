@@ -8,7 +8,7 @@ from tqdm.auto import tqdm
 from .config import QuantConfig, default_config
 from .methods.calibration import quantize_with_calibration
 from .methods import plan_linear, quantize_linear
-from .modules import float_report, install, linear_modules, untie  # noqa: F401  (linear_modules: public here too)
+from .modules import colocate_siblings, float_report, install, linear_modules, untie  # noqa: F401  (linear_modules: public here too)
 from .report import GraphReport, Report
 
 
@@ -74,7 +74,9 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, example_inp
     config = config or default_config(model)
     config.validate()
     if config.needs_calibration:
-        return quantize_with_calibration(model, config, calibration, tokenizer=tokenizer, progress=progress)
+        quantize_with_calibration(model, config, calibration, tokenizer=tokenizer, progress=progress)
+        colocate_siblings(model)
+        return model
     if calibration is not None or tokenizer is not None:
         raise ValueError(f"{type(config).__name__} is data-free: it takes no calibration= or tokenizer=")
     gains = norm_gains(model, example_inputs) if getattr(config, "norm_weighting", False) else {}
@@ -93,5 +95,6 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, example_inp
         report.linears.append(install(model, path, mod, quantize_linear(config, plan, weight, importance),
                                       plan, input_emb))
     untie(model)
+    colocate_siblings(model)  # q/k/v, gate/up: one op each in the compiled graph
     model.qcompile_report = Report(config=config.to_dict(), graphs=[report])
     return model

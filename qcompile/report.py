@@ -21,6 +21,7 @@ class LinearReport:
     float_bytes: int = 0
     quant_bytes: int | None = None
     weight: str | None = None    # the parameter's name in the module when not `weight` (MoE experts: "gate_up_proj")
+    activations: str | None = None  # of decode-size inputs (<= 8 rows): "int8" (W4A8/W8A8) or "float"; None: float layer
 
     @property
     def name(self) -> str:
@@ -103,6 +104,7 @@ class Report:
         return {"linears": len(lins), "quantized": len(q), "float": len(lins) - len(q),
                 "float_bytes_of_quantized": fb, "quant_bytes": qb,
                 "ratio": round(qb / fb, 4) if fb else None, "graphs": len(self.graphs),
+                "int8_activations": sum(1 for x in q if x.activations == "int8"),
                 "attention_sites": sum(len(g.attention) for g in self.graphs),
                 "attention_rewritten": sum(1 for g in self.graphs for a in g.attention if a.op)}
 
@@ -114,12 +116,14 @@ class Report:
                      + (f"their weights {s['float_bytes_of_quantized'] / 2**20:.1f} MiB -> "
                         f"{s['quant_bytes'] / 2**20:.1f} MiB ({s['ratio']:.3f}x)" if s['ratio'] else "no weights changed"))
         width = max([len(x.name) for x in self.linears] + [6])
-        lines.append(f"{'layer':<{width}}  {'shape':>11}  {'op':<24}  reason")
+        # x: the activations decode-size inputs (<= 8 rows) are multiplied as; prefill runs float
+        # (quik_mm: int4 or int8 per token at every size)
+        lines.append(f"{'layer':<{width}}  {'shape':>11}  {'op':<24}  {'x':<5}  reason")
         for x in self.linears:
             shape = f"{x.out_features}x{x.in_features}"
             op = (x.op or "- (float)").replace("qcompile::", "")
             note = f"  [{'; '.join(x.notes)}]" if x.notes else ""
-            lines.append(f"{x.name:<{width}}  {shape:>11}  {op:<24}  {x.reason}{note}")
+            lines.append(f"{x.name:<{width}}  {shape:>11}  {op:<24}  {x.activations or '-':<5}  {x.reason}{note}")
         if self.attention:
             lines.append(f"attention: {s['attention_rewritten']}/{s['attention_sites']} sites rewritten across "
                          f"{s['graphs']} graph(s)")

@@ -61,7 +61,7 @@ def test_backend_compiles_a_model_quantized_with_act_order():
             w = lowering.unpack(mod.packed_weight())
             w = Int4Weight(w.qweight, w.scales, w.zeros, w.group_size, w.bits, torch.randperm(w.in_features, generator=gen))
             parent, _, name = path.rpartition(".")
-            setattr(model.get_submodule(parent), name, QuantLinear(lowering.pack(w, "cpu")))
+            setattr(model.get_submodule(parent), name, QuantLinear(lowering.pack(w, "cpu", "int8")))
             dense[path] = w.dequantize(torch.float32)
     ids = torch.randint(0, 256, (2, 9), generator=gen)
     eager = model(ids).logits
@@ -81,7 +81,7 @@ def test_backend_compiles_a_model_quantized_with_act_order():
     torch.testing.assert_close(out, eager, rtol=0, atol=1e-5 * eager.abs().max().item())
     linears = [x for g in reports for x in g.linears]
     assert len(linears) == 15 and all("ahead of time" in x.reason for x in linears)
-    assert {x.op for x in linears} == {"qcompile::int4_mm", "qcompile::int8_mm"}
+    assert {x.op for x in linears} == {"qcompile::int4_mm_a8", "qcompile::int8_mm_a8"}
     assert "index_select" in reports[0].passes[-1].after
     report = qcompile.explain(model, ids)
     notes = {x.path: x.notes for x in report.linears}

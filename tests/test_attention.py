@@ -256,9 +256,9 @@ def test_default_backend_quantizes_linears_and_rewrites_attention():
         ref = fake_quantized(model)(ids).logits
     assert close_logits(out, ref)
     r = reports[0]
-    assert all(x.op == "qcompile::int4_mm" for x in r.linears if x.path != "lm_head")
+    assert all(x.op == "qcompile::int4_mm_a8" for x in r.linears if x.path != "lm_head")
     assert [a.op for a in r.attention] == ["qcompile::gqa_attention"] * 2
-    assert [p.name for p in r.passes] == ["linear", "attention"]
+    assert [p.name for p in r.passes] == ["linear", "attention", "fuse_quantized"]
 
 
 def test_report_text_and_json():

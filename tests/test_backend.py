@@ -45,7 +45,7 @@ def test_compiled_llama_matches_dequantized_reference():
     out = compiled(ids).logits
     assert close_logits(out, ref)
     lins = reports[0].linears
-    assert len(lins) == 2 * 7 + 1 and all(x.op == "qcompile::int4_mm" for x in lins)
+    assert len(lins) == 2 * 7 + 1 and all(x.op == "qcompile::int4_mm_a8" for x in lins)
 
 
 def cosine(a, b):
@@ -70,8 +70,8 @@ def test_gpt2_conv1d_layers_are_quantized():
     ids = torch.randint(0, 256, (1, 10))
     report = qcompile.explain(model, ids, config=MINMAX)
     by_path = {x.path: x for x in report.linears}
-    assert by_path["transformer.h.0.attn.c_attn"].op == "qcompile::int4_mm"
-    assert by_path["transformer.h.1.mlp.c_proj"].op == "qcompile::int4_mm"
+    assert by_path["transformer.h.0.attn.c_attn"].op == "qcompile::int4_mm_a8"
+    assert by_path["transformer.h.1.mlp.c_proj"].op == "qcompile::int4_mm_a8"
     ref = fake_quantized(model)(ids).logits
     out = torch.compile(model, backend=qcompile.backend(MINMAX))(ids).logits
     assert close_logits(out, ref)
@@ -86,11 +86,11 @@ def test_report_lists_every_linear_with_op_and_reason():
     assert lins["model.layers.1.mlp.up_proj"].op is None
     assert "skip pattern" in lins["model.layers.1.mlp.up_proj"].reason
     q = lins["model.layers.0.self_attn.q_proj"]
-    assert q.op == "qcompile::int4_mm" and "int4 g128" in q.reason
+    assert q.op == "qcompile::int4_mm_a8" and "int4 g128" in q.reason
     assert any("group_size 256 does not divide in_features 128: used 128" in n for n in q.notes)
     assert any("q_proj+k_proj+v_proj" in n for n in q.notes)
     assert any("input norm" in n for n in q.notes) or True  # backend path weights by the norm in-graph
-    assert lins["lm_head"].op == "qcompile::int8_mm"
+    assert lins["lm_head"].op == "qcompile::int8_mm_a8"
     text = str(report)
     assert "model.layers.1.mlp.down_proj" in text and "skip pattern" in text
     d = json.loads(json.dumps(report.to_dict()))
@@ -267,7 +267,7 @@ def test_default_recipe_keeps_the_last_decoder_block_int8():
         torch.compile(model, backend=qcompile.Backend(reports=reports))(ids)
     ops = {x.path: x.op for x in reports[0].linears}
     assert ops["model.layers.7.mlp.down_proj"] == "qcompile::int8_mm"
-    assert ops["model.layers.6.mlp.down_proj"] == "qcompile::int4_mm"
+    assert ops["model.layers.6.mlp.down_proj"] == "qcompile::int4_mm_a8"
     assert any("last decoder block" in n for n in reports[0].notes)
     # the same recipe however the compiled code is reached: generate() on the compiled module, and
     # HF's `model.forward = torch.compile(model.forward)` (both once compiled the last block int4)
@@ -282,11 +282,11 @@ def test_default_recipe_keeps_the_last_decoder_block_int8():
                 fresh(ids)
         ops = {x.path: x.op for r in reports for x in r.linears}
         assert ops["model.layers.7.mlp.down_proj"] == "qcompile::int8_mm", compile_it
-        assert ops["model.layers.6.mlp.down_proj"] == "qcompile::int4_mm", compile_it
+        assert ops["model.layers.6.mlp.down_proj"] == "qcompile::int4_mm_a8", compile_it
     qcompile.quantize(model, progress=False)
     ops = {x.path: (x.op, x.reason) for x in model.qcompile_report.linears}
     assert ops["model.layers.7.self_attn.q_proj"][0] == "qcompile::int8_mm"
     assert "int8 pattern 'model.layers.7.*'" in ops["model.layers.7.self_attn.q_proj"][1]
-    assert ops["model.layers.6.self_attn.q_proj"][0] == "qcompile::int4_mm"
+    assert ops["model.layers.6.self_attn.q_proj"][0] == "qcompile::int4_mm_a8"
     # an explicit config is taken as given
     assert RTNConfig().int8 == ()

@@ -192,7 +192,7 @@ def test_quantize_with_ganq_config_compiles_saves_and_reports_tables(tmp_path):
     assert lins[q].reason == "4-bit lookup table per row (16 float16 entries), ganq, damp 0.01"
     rows = attn.q_proj.weight.shape[0]
     assert f"table {rows * 16 * 2} bytes (16 entries x {rows} rows)" in lins[q].notes
-    assert lins["lm_head"].op == "qcompile::int8_mm"
+    assert lins["lm_head"].op == "qcompile::int8_mm_a8"
     # q/k/v were fitted together on their shared input: GANQ's fit beats each row's k-means table
     w = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).double()
     got = torch.cat([qcompile.lowering.unpack(m.packed_weight()).dequantize(torch.float64)

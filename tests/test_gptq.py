@@ -246,7 +246,7 @@ def test_quantize_with_calibration_then_compile_equals_dequantized_float_model(t
     lins = {x.path: x for x in model.qcompile_report.linears}
     assert len(lins) == 15 and all(x.op for x in lins.values())
     assert lins["model.layers.1.mlp.down_proj"].reason == "4-bit g32 asym, gptq, act_order, clip search, damp 0.01"
-    assert lins["lm_head"].op == "qcompile::int8_mm"
+    assert lins["lm_head"].op == "qcompile::int8_mm_a8"
     compiles_like_dequantized_and_round_trips(model, float_model, torch.randint(0, 256, (2, 24)), tmp_path)
 
 
@@ -388,7 +388,7 @@ def test_layers_outside_the_blocks_follow_the_lm_head_rule():
     qcompile.quantize(model, GPTQConfig(group_size=32, lm_head_bits=4, skip=("*.1.mlp.down_proj",)),
                       calibration=calibration_ids(), progress=False)
     lins = {x.path: x for x in model.qcompile_report.linears}
-    assert lins["lm_head"].op == "qcompile::int4_mm"
+    assert lins["lm_head"].op == "qcompile::int4_mm_a8"
     assert lins["lm_head"].reason == ("4-bit g32 sym, round to nearest on the GPTQ grid "
                                       "(outside the decoder blocks: no calibration inputs)")
     assert "tied input embedding keeps its float table" in lins["lm_head"].notes

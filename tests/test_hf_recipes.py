@@ -66,7 +66,7 @@ def test_generate_own_compile_keeps_the_qcompiled_forward(how):
     _generate(runner, ids)
     assert counters["frames"]["total"] - frames == 2, "Dynamo compiled more than qcompile's prefill and decode"
     assert not hasattr(model, "_compiled_call"), "generate() compiled its own call around the qcompiled forward"
-    assert len(reports) == 2 and all(any(x.op == "qcompile::int4_mm" for x in r.linears) for r in reports)
+    assert len(reports) == 2 and all(any(x.op == "qcompile::int4_mm_a8" for x in r.linears) for r in reports)
 
 
 # --- the real model (SmolLM2-135M-Instruct) ----------------------------------------------------
@@ -80,6 +80,11 @@ BATCH_PROMPTS = ["Water boils at", PROMPT,
                  "In a small village at the foot of the mountains, there lived an old"]  # 3, 7, 15 tokens
 NEW = 24       # new tokens per generate (the machine is 2 shared CPU cores)
 NEAR_TIE = 0.05  # logit margin below which two runs' rounding may flip a greedy choice
+# ... when the two runs multiply some activations differently: with the default int8 activations
+# (W4A8) a call of at most 8 rows (a short prompt's prefill alone) quantizes x, a larger one (the
+# same prompt inside a padded batch) does not; W4A8 and W4A16 greedy choices differ only at margins
+# up to 0.14 (benchmarks/results/w4a8_cpu.md); a padding or masking bug gives margins of several logits.
+NEAR_TIE_A8 = 0.25
 
 
 @dataclass
@@ -119,9 +124,9 @@ def _fresh(model):
     return copy.deepcopy(model, shared)
 
 
-def _assert_same_greedy(tokens, ref: Run, row: int = 0, what: str = ""):
+def _assert_same_greedy(tokens, ref: Run, row: int = 0, what: str = "", near_tie: float = NEAR_TIE):
     """`tokens` are the greedy tokens of `ref`'s run (row `row`): equal, or equal up to a step where
-    `ref`'s two candidates were within NEAR_TIE (rounding may flip those; a wrong computation does
+    `ref`'s two candidates were within `near_tie` (rounding may flip those; a wrong computation does
     not stop there). A batch row may run on past the end of its reference (padding after its eos)."""
     tokens, ref_tokens = tokens.flatten().tolist(), ref.tokens[row].tolist()
     same = next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b), None)
@@ -129,7 +134,7 @@ def _assert_same_greedy(tokens, ref: Run, row: int = 0, what: str = ""):
         assert len(tokens) >= len(ref_tokens), f"{what}: {len(tokens)} tokens, the reference has {len(ref_tokens)}"
         return
     gap = (ref.logits[row, same, ref_tokens[same]] - ref.logits[row, same, tokens[same]]).item()
-    assert gap < NEAR_TIE, (f"{what}: step {same} chose {tokens[same]} where the baseline chose "
+    assert gap < near_tie, (f"{what}: step {same} chose {tokens[same]} where the baseline chose "
                             f"{ref_tokens[same]} by a logit margin of {gap:.3f}\n{tokens}\n{ref_tokens}")
     print(f"{what}: equal up to step {same}, a near-tie (margin {gap:.4f})")
 
@@ -319,7 +324,7 @@ def test_batched_left_padded_greedy_equals_unpadded_runs(batched, baseline):
     for row, text in enumerate(BATCH_PROMPTS):
         print(f"\n{text!r} -> {tok.decode(run.tokens[row])!r}")
         ref = baseline if text == PROMPT else _run(compiled, tok(text, return_tensors="pt"))
-        _assert_same_greedy(run.tokens[row], ref, what=f"row {row} of the padded batch")
+        _assert_same_greedy(run.tokens[row], ref, what=f"row {row} of the padded batch", near_tie=NEAR_TIE_A8)
     # the batch-1 reference runs: a prefill graph with a dynamic length and decode graphs for batch 1
     assert _graphs() - start <= 5, f"{_graphs() - start} graphs"
 

@@ -121,7 +121,7 @@ def test_every_form_is_quantized_or_reported():
         rec = by_name[f"forms.{name}"]
         if name in REWRITTEN:
             in_out = REWRITTEN[name][2]
-            assert rec.op == "qcompile::int4_mm", (name, rec)
+            assert rec.op == "qcompile::int4_mm_a8", (name, rec)
             assert (rec.in_features, rec.out_features) == (IN, OUT), name
             assert name == "linear" or any(n.startswith("as written: ") for n in rec.notes), (name, rec.notes)
             w = model.forms[name].weight

@@ -104,7 +104,7 @@ def test_skip_patterns_and_lm_head_rule_read_the_paths(recwarn):
         elif path == "lm_head":
             assert lin.op is None and "lm_head=False" in lin.reason
         else:
-            assert lin.op == "qcompile::int4_mm", path
+            assert lin.op == "qcompile::int4_mm_a8", path
 
 
 @pytest.mark.parametrize("source, path", [

@@ -23,10 +23,10 @@ def test_default_recipe_quantizes_all_decoder_linears_within_15_percent(smollm2_
     decoder = [x for x in lins if x.path.startswith("model.layers.")]
     # int4 everywhere but the last decoder block, which the default recipe keeps at int8
     assert len(decoder) == 210
-    assert all(x.op == ("qcompile::int8_mm" if x.path.startswith("model.layers.29.") else "qcompile::int4_mm")
+    assert all(x.op == ("qcompile::int8_mm" if x.path.startswith("model.layers.29.") else "qcompile::int4_mm_a8")
                for x in decoder)
     head = next(x for x in lins if x.path == "lm_head")
-    assert head.op == "qcompile::int8_mm"
+    assert head.op == "qcompile::int8_mm_a8"
     qbytes = sum(x.quant_bytes for x in decoder)
     assert qbytes <= 0.3 * sum(x.float_bytes for x in decoder)  # float_bytes are bf16 bytes
     ppl = perplexity(model, ids=held_out_ids, progress=False)

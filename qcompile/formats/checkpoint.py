@@ -20,9 +20,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .. import lowering
+from ..config import CPU_ACTIVATIONS, QuantConfig, cpu_activations_for
 from ..errors import CheckpointError
-from . import FORMATS, gptq_hf
-from ..modules import QuantEmbedding, QuantLinear, _path_of, _set_module, linear_modules
+from . import FORMATS, gptq_hf, standalone
+from ..modules import QuantEmbedding, QuantLinear, _path_of, _set_module, colocate_siblings, linear_modules
 from .gptq_checkpoint import load_gptq, save_gptq
 
 TENSORS_FILE = "model.safetensors"
@@ -58,14 +59,18 @@ def save(model: nn.Module, path: str | Path, *, format: str = "qcompile") -> Pat
     layers: dict[str, dict] = {}
     tied: dict[str, str] = {}
     quantized_prefixes = []
+    written: set[int] = set()
     for name, mod in model.named_modules():
         if isinstance(mod, QuantLinear):
             canonical = lowering.unpack(mod.packed_weight())
             for tname, t in getattr(canonical, "file_tensors", canonical.tensors)().items():
-                tensors[f"{name}.{tname}"] = t.detach().cpu().contiguous()
+                # siblings may share a tensor (QUIK's outlier indices): each layer stores its own copy
+                shared = t.untyped_storage().data_ptr() in written
+                written.add(t.untyped_storage().data_ptr())
+                tensors[f"{name}.{tname}"] = t.detach().cpu().clone() if shared else standalone(t)
             if mod.bias is not None:
                 tensors[f"{name}.bias"] = mod.bias.detach().cpu().contiguous()
-            layers[name] = canonical.meta() | {"bias": mod.bias is not None}
+            layers[name] = canonical.meta() | {"bias": mod.bias is not None, "cpu_activations": mod.cpu_activations}
             quantized_prefixes.append(name + ".")
         elif isinstance(mod, QuantEmbedding):
             tied[name] = _path_of(model, mod.lm_head[0])
@@ -111,15 +116,20 @@ def _read_meta(path: Path) -> dict:
 
 @torch.no_grad()
 def load(model: nn.Module, path: str | Path, *, device: torch.device | str | None = None,
-         verify: bool = True) -> nn.Module:
+         verify: bool = True, cpu_activations: str | None = None) -> nn.Module:
     """Load a checkpoint written by `save`, or a Hugging Face GPTQ checkpoint directory, into
     `model` (float, or built on the meta device), in place.
 
     Linear layers named in the checkpoint become `QuantLinear`s (no re-quantization, no
     dequantization); every other tensor is replaced by the checkpoint's (GPTQ: cast to the model's
-    dtype). `device` defaults to the model's (CPU for a meta model).
+    dtype). `device` defaults to the model's (CPU for a meta model). `cpu_activations` ("int8" or
+    "float", see `QuantConfig`; applied per layer by `config.cpu_activations_for`) overrides what each
+    layer was saved with (files from before the setting: the saved config's, else QuantConfig's
+    default, as for GPTQ checkpoints).
     Raises `CheckpointError` for a missing, corrupted or mismatched checkpoint.
     """
+    if cpu_activations is not None and cpu_activations not in CPU_ACTIVATIONS:
+        raise ValueError(f"qcompile.load(cpu_activations={cpu_activations!r}): use one of {CPU_ACTIVATIONS}")
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} not found")
@@ -128,8 +138,9 @@ def load(model: nn.Module, path: str | Path, *, device: torch.device | str | Non
         device = first.device if first is not None and first.device.type != "meta" else torch.device("cpu")
     device = torch.device(device)
     if not (path / META_FILE).is_file() and (gptq := gptq_hf.find_config(path)) is not None:
-        return load_gptq(model, path, gptq, device)
+        return load_gptq(model, path, gptq, device, cpu_activations or QuantConfig.cpu_activations)
     meta = _read_meta(path)
+    saved = (meta.get("config") or {}).get("cpu_activations", QuantConfig.cpu_activations)
     tensor_path = path / TENSORS_FILE
     if not tensor_path.is_file():
         raise CheckpointError(f"{tensor_path} not found")
@@ -166,7 +177,9 @@ def load(model: nn.Module, path: str | Path, *, device: torch.device | str | Non
         if lmeta.get("format") not in FORMATS:
             raise CheckpointError(f"layer {lpath}: unknown format {lmeta.get('format')!r} (this qcompile reads {sorted(FORMATS)})")
         fmt = FORMATS[lmeta["format"]]
-        if lmeta["format"] == "lut":
+        if hasattr(fmt, "file_names"):
+            names = fmt.file_names(lmeta)
+        elif lmeta["format"] == "lut":
             names = ["codes", "tables"] + (["outlier_rows", "outlier_cols", "outlier_values"] if lmeta.get("outliers") else [])
         else:
             names = ["qweight", "scales"]
@@ -187,7 +200,10 @@ def load(model: nn.Module, path: str | Path, *, device: torch.device | str | Non
         if bias is not None:
             used.add(f"{lpath}.bias")
             bias = bias.to(device)
-        _set_module(model, lpath, QuantLinear(lowering.pack(canonical, device), bias))
+        # the layer's own setting as saved; else (an override, or a file from before the setting) the config's
+        acts = (lmeta.get("cpu_activations") if cpu_activations is None else None) or \
+            cpu_activations_for(cpu_activations or saved, lpath, lmeta["format"])
+        _set_module(model, lpath, QuantLinear(lowering.pack(canonical, device, acts), bias))
 
     for emb_path, head_path in meta.get("tied_embeddings", {}).items():
         emb = model.get_submodule(emb_path)
@@ -214,6 +230,7 @@ def load(model: nn.Module, path: str | Path, *, device: torch.device | str | Non
         raise CheckpointError(f"checkpoint has {len(unexpected)} tensors the model lacks, e.g. {sorted(unexpected)[:5]}")
     if hasattr(model, "config") and hasattr(model.config, "tie_word_embeddings") and meta.get("tied_embeddings"):
         model.config.tie_word_embeddings = False
+    colocate_siblings(model)
     return model
 
 

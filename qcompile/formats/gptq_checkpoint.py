@@ -18,9 +18,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .. import lowering
+from ..config import QuantConfig, cpu_activations_for
 from ..errors import CheckpointError
-from . import Int4Weight, gptq_hf
-from ..modules import QuantEmbedding, QuantLinear, _set_module, linear_modules
+from . import Int4Weight, gptq_hf, standalone
+from ..modules import QuantEmbedding, QuantLinear, _set_module, colocate_siblings, linear_modules
 
 INDEX_FILE = "model.safetensors.index.json"
 TENSORS_FILE = "model.safetensors"
@@ -63,7 +64,8 @@ class _Tensors:
 
 
 @torch.no_grad()
-def load_gptq(model: nn.Module, path: Path, config: dict, device: torch.device) -> nn.Module:
+def load_gptq(model: nn.Module, path: Path, config: dict, device: torch.device,
+              cpu_activations: str = QuantConfig.cpu_activations) -> nn.Module:
     """Fill `model` in place from GPTQ checkpoint directory `path` (`config` from gptq_hf.find_config)."""
     tensors = _Tensors(path)
     keys = tensors.keys()
@@ -101,12 +103,14 @@ def load_gptq(model: nn.Module, path: Path, config: dict, device: torch.device) 
             bias = tensors[f"{prefix}.bias"].to(device=device, dtype=w.dtype)
             used.add(f"{prefix}.bias")
         untied |= input_emb is not None and getattr(input_emb, "weight", None) is mod.weight
-        _set_module(model, prefix, QuantLinear(lowering.pack(weight, device), bias))
+        acts = cpu_activations_for(cpu_activations, prefix, weight.format_name)
+        _set_module(model, prefix, QuantLinear(lowering.pack(weight, device, acts), bias))
         used.update(present.values())
     _load_float_tensors(model, tensors, used, device, path)
     if untied and hasattr(getattr(model, "config", None), "tie_word_embeddings"):
         model.config.tie_word_embeddings = False  # the quantized head no longer shares the float table
     _share_int8_table(model)
+    colocate_siblings(model)
     return model
 
 
@@ -188,7 +192,7 @@ def save_gptq(model: nn.Module, path: Path, zero_format: str = "gptq") -> Path:
         if isinstance(mod, QuantLinear):
             weight = lowering.unpack(mod.packed_weight())
             layer, bits, group = gptq_hf.from_qcompile(weight, zero_format, name)
-            tensors.update({f"{name}.{t}": v for t, v in layer.items()})
+            tensors.update({f"{name}.{t}": standalone(v) for t, v in layer.items()})
             if mod.bias is not None:
                 tensors[f"{name}.bias"] = mod.bias.detach().cpu().contiguous()
             layers[name] = {"bits": bits, "group_size": group, "sym": _is_symmetric(weight),

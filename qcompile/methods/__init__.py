@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .. import lowering
-from ..config import GANQConfig, GPTQConfig, QuantConfig, RTNConfig, choose_group_size
+from ..config import GANQConfig, GPTQConfig, QuantConfig, QUIKConfig, RTNConfig, choose_group_size, cpu_activations_for
 from ..formats import Int4Weight, Int8Weight
 from . import rtn
 
@@ -24,11 +24,12 @@ class LinearPlan:
     path: str
     in_features: int
     out_features: int
-    format: str | None = None         # "int4", "int8", "lut", or None: stays float
+    format: str | None = None         # "int4", "int8", "lut", "quik", or None: stays float
     group_size: int | None = None
     reason: str = ""                  # why it stays float, or what quantizes it
     notes: list[str] = field(default_factory=list)
     data_free: bool = True            # False: the method needs calibration inputs (GPTQ)
+    cpu_activations: str = "float"    # "int8": CPU decode with int8 activations (config.cpu_activations_for)
 
     @property
     def quantized(self) -> bool:
@@ -63,6 +64,8 @@ def plan_linear(config: QuantConfig, path: str, weight: Tensor, device: torch.de
         fmt, group = "int8", None  # per channel, symmetric
     elif isinstance(config, GANQConfig):  # one table per output row: no groups
         fmt, group = "lut", None
+    elif isinstance(config, QUIKConfig):  # groups (if any) of the integer columns, fixed at calibration
+        fmt, group = "quik", config.group_size
     else:
         fmt = "int8" if getattr(config, "bits", 4) == 8 else "int4"
         group, note = choose_group_size(getattr(config, "group_size", 64), k)
@@ -75,12 +78,19 @@ def plan_linear(config: QuantConfig, path: str, weight: Tensor, device: torch.de
         plan.reason = why
         return plan
     plan.format, plan.group_size = fmt, group
-    plan.reason = int8_reason if head_int8 else describe(config, fmt, group, k)
+    plan.cpu_activations = cpu_activations_for(config.cpu_activations, path, fmt)
+    if device.type == "cpu" and plan.cpu_activations != config.cpu_activations:
+        plan.notes.append("decode keeps float activations (int8 ones: int4 layers and the lm_head)")
+    plan.reason = int8_reason if head_int8 else describe(config, fmt, group, k, path)
     plan.data_free = head_int8 or not config.needs_calibration
     return plan
 
 
-def describe(config: QuantConfig, fmt: str, group: int | None, in_features: int) -> str:
+def describe(config: QuantConfig, fmt: str, group: int | None, in_features: int, path: str = "") -> str:
+    if isinstance(config, QUIKConfig):
+        wb, ab = config.layer_bits(path)
+        return (f"W{wb}A{ab} {'per channel' if group is None else f'g{group}'} sym, activations per token "
+                f"asym, quik (gptq{', clip search' if config.clip_search else ''})")
     if isinstance(config, GANQConfig):
         return (f"{config.bits}-bit lookup table per row ({2**config.bits} "
                 f"{str(config.table_dtype).removeprefix('torch.')} entries), ganq")

@@ -24,8 +24,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..config import GANQConfig, GPTQConfig, is_output_head
-from . import ganq, gptq, plan_linear, quantize_linear
+from ..config import GANQConfig, GPTQConfig, QUIKConfig, is_output_head
+from . import ganq, gptq, plan_linear, quantize_linear, quik
 from ..modules import float_report, install, linear_modules, untie
 from ..report import GraphReport, LinearReport, Report
 
@@ -391,8 +391,8 @@ def _sharing(hessians: dict[str, gptq.Hessian], names: list[str]) -> list[list[s
     return list(groups.values())
 
 
-def fit_layers(config: GPTQConfig | GANQConfig, h: Tensor, weights: list[Tensor], plans: list,
-               name: str) -> list[tuple[Tensor, object, object]]:
+def fit_layers(config: GPTQConfig | GANQConfig | QUIKConfig, h: Tensor, weights: list[Tensor], plans: list,
+               name: str, absmax: Tensor | None = None) -> list[tuple[Tensor, object, object]]:
     """Quantize layers that share the Hessian `h` of their input: (dequantized weight, format,
     round to nearest's format on the same grid or None) per layer. Adds what was used (damping)
     to the plans' reasons and notes. A GPTQ layer whose calibration output error exceeds round
@@ -413,6 +413,8 @@ def fit_layers(config: GPTQConfig | GANQConfig, h: Tensor, weights: list[Tensor]
             plans[0].notes.append(f"output error {min(result.errors) / result.errors[0]:.2f}x the initial "
                                   f"table's after {config.iters} iterations (shared by {len(weights)} layers)")
         return out
+    if isinstance(config, QUIKConfig):
+        return _fit_quik(config, h, absmax, weights, plans)
     inv = gptq.invert(h, act_order=config.act_order, damp_percent=config.damp_percent, name=name)
     out = []
     for w, plan in zip(weights, plans):
@@ -433,6 +435,31 @@ def fit_layers(config: GPTQConfig | GANQConfig, h: Tensor, weights: list[Tensor]
         else:
             plan.notes.append(f"calibration output error {ratio:.2f}x round to nearest's")
             out.append((q, gptq.to_format(result), gptq.to_format(rtn)))
+    return out
+
+
+def _fit_quik(config: QUIKConfig, h: Tensor, absmax: Tensor, weights: list[Tensor], plans: list) -> list:
+    """QUIK for layers sharing an input: one outlier split for all (`qcompile.methods.quik`)."""
+    out, split = [], {}
+    for w, plan in zip(weights, plans):
+        bits, act_bits = config.layer_bits(plan.path)
+        k = config.outlier_count(plan.path, w.shape[1])
+        q, rtn, inv = quik.quik_quantize(
+            w, h, absmax, outliers=k, bits=bits, act_bits=act_bits, group_size=config.group_size,
+            damp_percent=config.damp_percent, clip_search=config.clip_search, block_size=config.block_size,
+            scale_dtype=config.scale_dtype, split=split.get(k))
+        split[k] = (q.int_idx, q.fp_idx)  # siblings: the same index tensors (one quantized input)
+        plan.reason += f", {q.fp_idx.numel()} float outlier columns, damp {inv.damp_percent:g}"
+        plan.notes += _gptq_note(inv)
+        dq, rtn_dq = q.dequantize(w.dtype), rtn.dequantize(w.dtype)
+        ratio = output_error(w, dq, h) / max(output_error(w, rtn_dq, h), 1e-30)
+        if ratio > 1:  # never worse than round to nearest on the same split and grid
+            plan.reason = plan.reason.replace("quik (gptq", f"quik (round to nearest: GPTQ's calibration error was "
+                                              f"{ratio:.2f}x its", 1)
+            out.append((rtn_dq, rtn, None))
+        else:
+            plan.notes.append(f"calibration output error {ratio:.2f}x round to nearest's")
+            out.append((dq, q, None))
     return out
 
 
@@ -495,8 +522,9 @@ def quantize_with_calibration(model: nn.Module, config: GPTQConfig | GANQConfig,
     """GPTQ or GANQ over a decoder model, block by block (see the module docstring);
     `qcompile.quantize` calls this for configs that need calibration. Layers outside the decoder blocks follow the
     config's rule (int8 lm_head by default). Ctrl-C leaves done layers quantized, the rest float."""
-    if not isinstance(config, (GPTQConfig, GANQConfig)):
-        raise TypeError(f"calibration-based quantization needs a GPTQConfig or GANQConfig, got {type(config).__name__}")
+    if not isinstance(config, (GPTQConfig, GANQConfig, QUIKConfig)):
+        raise TypeError("calibration-based quantization needs a GPTQConfig, GANQConfig or QUIKConfig, "
+                        f"got {type(config).__name__}")
     if isinstance(config, GPTQConfig):
         gptq.require_format(config.bits)
     blocks_path, blocks = decoder_blocks(model)
@@ -564,7 +592,7 @@ def quantize_with_calibration(model: nn.Module, config: GPTQConfig | GANQConfig,
                             w.copy_(refit_to_float_outputs(w, cross[n], hessians[n].h, REFIT_DAMP))
                             plans[n].notes.append("fitted to the float model's outputs (float_targets)")
                     results = fit_layers(config, hessians[members[0]].h, weights, [plans[n] for n in members],
-                                         prefix + members[0])
+                                         prefix + members[0], hessians[members[0]].absmax)
                     for n, w, (dequantized, fmt, rtn_fmt) in zip(members, weights, results):
                         if rtn_fmt is not None:
                             fallback[prefix + n] = rtn_fmt
@@ -587,6 +615,9 @@ def quantize_with_calibration(model: nn.Module, config: GPTQConfig | GANQConfig,
             if path in entries or path.startswith(f"{blocks_path}."):
                 continue
             plan = plan_linear(config, path, w, w.device)
+            if plan.quantized and not plan.data_free and isinstance(config, QUIKConfig):
+                plan.format = None
+                plan.reason = "outside the decoder blocks: no calibration inputs to choose QUIK's outlier columns"
             if not plan.quantized:
                 entries[path] = float_report(plan, w)
                 continue

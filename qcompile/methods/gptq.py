@@ -49,11 +49,13 @@ class Hessian:
 
     def __init__(self, in_features: int, device: torch.device | str = "cpu"):
         self.h = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.absmax = torch.zeros(in_features, dtype=torch.float32, device=device)  # per input channel (QUIK)
         self.tokens = 0
 
     def add(self, x: Tensor) -> None:
         x = x.detach().reshape(-1, self.h.shape[0]).to(self.h)
         b = x.shape[0]
+        torch.maximum(self.absmax, x.abs().amax(0), out=self.absmax)
         self.h *= self.tokens / (self.tokens + b)
         self.tokens += b
         x = x * math.sqrt(2 / self.tokens)
@@ -157,13 +159,14 @@ class GPTQResult:
     Codes are in storage order: ``codes[:, j]`` is input ``perm[j]`` when `perm` is set (act_order
     with groups fitted in that order, so groups are contiguous in storage), else input j."""
 
-    codes: Tensor   # [N, K] integral floats, 0..2^bits-1
+    codes: Tensor   # [N, K] integral floats, 0..2^bits-1 ([N, K - float_columns] with float columns)
     scales: Tensor  # [N, K // group_size] in the storage dtype
     zeros: Tensor   # [N, K // group_size] integral, fp16
     group_size: int
     bits: int
     perm: Tensor | None = None
     damp_percent: float | None = None
+    float_tail: Tensor | None = None  # [N, float_columns]: the last columns, kept float (QUIK's outliers)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The float weight [N, K] in the layer's own input order."""
@@ -191,7 +194,8 @@ def _check(weight: Tensor, bits: int, group_size: int | None) -> int:
 
 def gptq_quantize(weight: Tensor, inv: InverseHessian, *, bits: int = 4, group_size: int | None = 128,
                   sym: bool = True, static_groups: bool = False, clip_search: bool = False,
-                  block_size: int = 128, scale_dtype: torch.dtype = torch.bfloat16) -> GPTQResult:
+                  block_size: int = 128, scale_dtype: torch.dtype = torch.bfloat16,
+                  float_columns: int = 0) -> GPTQResult:
     """Quantize `weight` [N, K] given its layer's `InverseHessian` (see `invert`).
 
     group_size None (or -1): one grid per output row, fitted up front. static_groups: every group's grid
@@ -199,22 +203,29 @@ def gptq_quantize(weight: Tensor, inv: InverseHessian, *, bits: int = 4, group_s
     the codes are stored in the layer's order). Otherwise a group's grid is fitted when the loop
     reaches its first column, in act_order order if `inv.perm` is set.
 
+    float_columns: the last columns (in the order of `weight`; `inv` without act_order) are not
+    quantized but take the error feedback of the others (QUIK's outlier columns), returned in
+    `float_tail`; groups and the per-channel grid cover the quantized columns only.
+
     Works on Wᵀ (one input column = one contiguous row), which keeps the per-column rank-1
     update a fast contiguous BLAS call."""
     group_size = per_channel_as_none(group_size)
-    g = _check(weight, bits, group_size)
     n, k = weight.shape
+    if float_columns and inv.perm is not None:
+        raise ValueError("gptq_quantize: float_columns needs the columns in working order (no act_order perm)")
+    k_int = k - float_columns
+    g = _check(weight[:, :k_int], bits, group_size)
     if inv.hinv.shape != (k, k):
         raise ValueError(f"inverse Hessian is {tuple(inv.hinv.shape)}, weight has {k} inputs")
     maxq = 2**bits - 1
     hinv, perm = inv.hinv, inv.perm
     w = weight.detach().to(hinv.dtype).clone()
     w[:, inv.dead] = 0
-    ngroups = k // g
+    ngroups = k_int // g
     fit = lambda cols: fit_grid(cols, bits, sym, clip_search=clip_search, scale_dtype=scale_dtype)  # noqa: E731
     upfront = group_size is None or static_groups
     if upfront:
-        s, z = fit(w.reshape(n * ngroups, g))
+        s, z = fit(w[:, :k_int].reshape(n * ngroups, g))
         scales, zeros = s.reshape(n, ngroups).t().contiguous(), z.reshape(n, ngroups).t().contiguous()
         # the group of each working column: its original input's block
         col_group = ((perm if perm is not None else torch.arange(k, device=w.device)) // g).tolist()
@@ -223,9 +234,9 @@ def gptq_quantize(weight: Tensor, inv: InverseHessian, *, bits: int = 4, group_s
         col_group = [j // g for j in range(k)]
     wt = (w.t() if perm is None else w.t()[perm]).contiguous()  # [K, N], rows in working order
     del w
-    q_all = torch.empty_like(wt)
-    for i1 in range(0, k, block_size):
-        i2 = min(i1 + block_size, k)
+    q_all = torch.empty_like(wt[:k_int])
+    for i1 in range(0, k_int, block_size):
+        i2 = min(i1 + block_size, k_int)
         w1 = wt[i1:i2].clone()
         err1 = torch.zeros_like(w1)
         h1 = hinv[i1:i2, i1:i2]
@@ -252,7 +263,8 @@ def gptq_quantize(weight: Tensor, inv: InverseHessian, *, bits: int = 4, group_s
         codes = codes[:, torch.argsort(perm)]
         stored_perm = None
     return GPTQResult(codes.contiguous(), scales.t().to(scale_dtype).contiguous(),
-                      zeros.t().to(ZERO_DTYPE).contiguous(), g, bits, stored_perm, inv.damp_percent)
+                      zeros.t().to(ZERO_DTYPE).contiguous(), g, bits, stored_perm, inv.damp_percent,
+                      wt[k_int:].t().contiguous() if float_columns else None)
 
 
 def rtn_quantize(weight: Tensor, *, bits: int = 4, group_size: int | None = 128, sym: bool = True,

@@ -11,8 +11,9 @@ fast CPU kernels, the Triton kernels and the Inductor lowerings for the same ops
 (each with a `_kernel` op underneath that the device kernels implement)
 | qcompile::int8_embedding | row gather of an int8 table (tied lm_head/embedding)      |
 
-`int4_mm_a8_kernel` and `int8_mm_a8_kernel` read the int4 and the per-channel int8 layouts too, but
-quantize decode-size activations to int8 (W4A8 / W8A8, see `int4_mm_a8_reference`).
+`int4_mm_a8` and `int8_mm_a8` (kernels `int4_mm_a8_kernel`, `int8_mm_a8_kernel`) read the int4 and
+the per-channel int8 layouts too, but quantize decode-size activations to int8 (W4A8 / W8A8, see
+`int4_mm_a8_reference`); `PackedLinear` picks them on CPU when the config asks (`cpu_activations`).
 
 The kernels read these layouts as they are saved, on every device, so a file moves between CPU
 and GPU without repacking.
@@ -24,7 +25,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..config import CPU_ACTIVATIONS
 from ..formats.int4 import unpack_nibbles
+from .kernels import KERNEL_LOADERS, load_kernels as _load_kernels  # noqa: F401  (KERNEL_LOADERS: public here)
+from .quik import QUIK_MM
 
 
 def _check_input(name: str, x: Tensor, in_features: int) -> None:
@@ -63,18 +67,11 @@ _lib.define("lut_mm_kernel(Tensor x, Tensor codes, Tensor tables) -> Tensor")
 # W4A16 / W8A16 ops (int4_mm_kernel, int8_mm_kernel), unquantized. int4_mm_a8: activation groups are the
 # weight's groups (group_size = K: one scale per token); int8_mm_a8: per-channel symmetric int8 weights
 # (scales [N], the default lm_head), act_group_size = K for one scale per token (QUIK) or a divisor of K.
+_lib.define("int4_mm_a8(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor")
 _lib.define("int4_mm_a8_kernel(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor")
+_lib.define("int8_mm_a8(Tensor x, Tensor qweight, Tensor scales, int act_group_size) -> Tensor")
 _lib.define("int8_mm_a8_kernel(Tensor x, Tensor qweight, Tensor scales, int act_group_size) -> Tensor")
 _lib.define("int8_embedding(Tensor ids, Tensor qweight, Tensor scales, ScalarType dtype, Tensor? zeros=None) -> Tensor")
-
-# device type -> loader of its compiled kernels (set by qcompile.lowering; called on first use)
-KERNEL_LOADERS: dict = {}
-
-
-def _load_kernels(device: torch.device) -> None:
-    loader = KERNEL_LOADERS.get(device.type)
-    if loader is not None:
-        loader()
 
 
 # --- int4 ---------------------------------------------------------------------------------------
@@ -104,18 +101,20 @@ def _(x, qweight, scales, zeros, group_size):
 
 
 class _Int4MM(torch.autograd.Function):
-    """The kernel forward with an input gradient (the weight is frozen): dx = dy @ dequant(W)."""
+    """The kernel forward with an input gradient (the weight is frozen): dx = dy @ dequant(W).
+    With int8 activations (`kernel` = int4_mm_a8_kernel) the rounding of x passes the gradient
+    straight through."""
 
     @staticmethod
-    def forward(ctx, x, qweight, scales, zeros, group_size):
+    def forward(ctx, x, qweight, scales, zeros, group_size, kernel):
         ctx.save_for_backward(qweight, scales, zeros)
         ctx.group_size = group_size
-        return torch.ops.qcompile.int4_mm_kernel(x, qweight, scales, zeros, group_size)
+        return kernel(x, qweight, scales, zeros, group_size)
 
     @staticmethod
     def backward(ctx, grad):
         qweight, scales, zeros = ctx.saved_tensors
-        return grad @ dequantize_int4(qweight, scales, zeros, ctx.group_size, grad.dtype), None, None, None, None
+        return grad @ dequantize_int4(qweight, scales, zeros, ctx.group_size, grad.dtype), None, None, None, None, None
 
 
 def int4_mm(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int) -> Tensor:
@@ -123,7 +122,7 @@ def int4_mm(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_siz
     _check_input("int4_mm", x, 2 * qweight.shape[1])
     _load_kernels(x.device)
     if torch.is_grad_enabled() and x.requires_grad:
-        return _Int4MM.apply(x, qweight, scales, zeros, group_size)
+        return _Int4MM.apply(x, qweight, scales, zeros, group_size, torch.ops.qcompile.int4_mm_kernel)
     return torch.ops.qcompile.int4_mm_kernel(x, qweight, scales, zeros, group_size)
 
 
@@ -314,6 +313,40 @@ def _(x, qweight, scales, act_group_size):
     return x.new_empty(*x.shape[:-1], qweight.shape[0])
 
 
+class _Int8MMA8(torch.autograd.Function):
+    """int8_mm_a8_kernel with an input gradient: dx = dy @ dequant(W) (x's rounding passed straight through)."""
+
+    @staticmethod
+    def forward(ctx, x, qweight, scales, act_group_size):
+        ctx.save_for_backward(qweight, scales)
+        return torch.ops.qcompile.int8_mm_a8_kernel(x, qweight, scales, act_group_size)
+
+    @staticmethod
+    def backward(ctx, grad):
+        qweight, scales = ctx.saved_tensors
+        return grad @ dequantize_int8(qweight, scales, None, grad.dtype), None, None, None
+
+
+def int4_mm_a8(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int) -> Tensor:
+    """x [..., K] @ dequant(W).T for W in the canonical int4 layout, x quantized to int8 per (row,
+    weight group) when it has at most A8_MAX_ROWS rows (`int4_mm_a8_reference`); more rows: `int4_mm`."""
+    _check_input("int4_mm_a8", x, 2 * qweight.shape[1])  # the kernels check the rest
+    _load_kernels(x.device)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _Int4MM.apply(x, qweight, scales, zeros, group_size, torch.ops.qcompile.int4_mm_a8_kernel)
+    return torch.ops.qcompile.int4_mm_a8_kernel(x, qweight, scales, zeros, group_size)
+
+
+def int8_mm_a8(x: Tensor, qweight: Tensor, scales: Tensor, act_group_size: int) -> Tensor:
+    """x [..., K] @ dequant(W).T for a per-channel symmetric int8 W, x quantized to int8 per (row,
+    group of act_group_size features) when it has at most A8_MAX_ROWS rows (`int8_mm_a8_reference`)."""
+    _check_input("int8_mm_a8", x, qweight.shape[1])
+    _load_kernels(x.device)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _Int8MMA8.apply(x, qweight, scales, act_group_size)
+    return torch.ops.qcompile.int8_mm_a8_kernel(x, qweight, scales, act_group_size)
+
+
 def int8_embedding(ids: Tensor, qweight: Tensor, scales: Tensor, dtype: torch.dtype,
                    zeros: Tensor | None = None) -> Tensor:
     """Rows `ids` of an int8 table, dequantized to `dtype` (an embedding tied to an int8 lm_head).
@@ -331,6 +364,8 @@ _lib.impl("lut_mm", lut_mm, "CompositeImplicitAutograd")
 _lib.impl("int8_embedding", int8_embedding, "CompositeImplicitAutograd")
 _lib.impl("int4_mm_a8_kernel", int4_mm_a8_reference, "CompositeExplicitAutograd")
 _lib.impl("int8_mm_a8_kernel", int8_mm_a8_reference, "CompositeExplicitAutograd")
+_lib.impl("int4_mm_a8", int4_mm_a8, "CompositeImplicitAutograd")
+_lib.impl("int8_mm_a8", int8_mm_a8, "CompositeImplicitAutograd")
 
 
 # --- weights packed for a kernel --------------------------------------------------------------
@@ -339,16 +374,67 @@ LAYOUT_OPS = {
     "int8": torch.ops.qcompile.int8_mm.default,
     "lut": torch.ops.qcompile.lut_mm.default,
 }
-QUANTIZED_LINEAR_OPS = frozenset(LAYOUT_OPS.values())
+# The same layouts with int8 activations (W4A8 / W8A8 decode; CPU kernels only, see PackedLinear).
+A8_OPS = {
+    "int4": torch.ops.qcompile.int4_mm_a8.default,
+    "int8": torch.ops.qcompile.int8_mm_a8.default,
+}
+# Ops whose every weight tensor is a block of output rows: siblings stored end to end run as one op
+# (`qcompile.passes.fuse_quantized`). QUIK's index tensors are per input, not per row.
+ROW_BLOCK_OPS = frozenset([*LAYOUT_OPS.values(), *A8_OPS.values()])
+LAYOUT_OPS["quik"] = QUIK_MM
+QUANTIZED_LINEAR_OPS = frozenset([*LAYOUT_OPS.values(), *A8_OPS.values()])
+# int8_mm_a8's activation group (int8 weights have no groups of their own). SmolLM2's lm_head, tune
+# split: per token (576) +1.46% perplexity, 64: +0.19%; 32 is slower than float activations in the
+# kernel (per-group overhead). benchmarks/results/w4a8_cpu.md
+INT8_ACT_GROUP = 64
+
+
+def layout_op(layout: str, activations: str):
+    """The op that multiplies by a weight in `layout` with `activations` (`PackedLinear.activations`)."""
+    return A8_OPS[layout] if activations == "int8" and layout in A8_OPS else LAYOUT_OPS[layout]
+
+
+def activation_group(layout: str, consts: tuple, in_features: int) -> int:
+    """The group of features that share an int8 activation scale: the int4 weight's own group, or
+    INT8_ACT_GROUP for an int8 weight (the whole row if INT8_ACT_GROUP does not divide it)."""
+    if layout == "int4":
+        return consts[0]
+    return INT8_ACT_GROUP if in_features % INT8_ACT_GROUP == 0 else in_features
+
+
+def rows_end_to_end(tensors: list[Tensor]) -> bool:
+    """True if `tensors` are contiguous and lie one after the other in one storage (row blocks of
+    one tensor): then `rows_view` spans them without a copy."""
+    first = tensors[0]
+    offset = first.storage_offset()
+    for t in tensors:
+        if (not t.is_contiguous() or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+                or t.storage_offset() != offset or t.shape[1:] != first.shape[1:] or t.dtype != first.dtype):
+            return False
+        offset += t.numel()
+    return True
+
+
+def rows_view(tensors: list[Tensor]) -> Tensor:
+    """The rows of `tensors` (`rows_end_to_end`) as one tensor, a view of their storage."""
+    first = tensors[0]
+    return first.as_strided((sum(t.shape[0] for t in tensors), *first.shape[1:]), first.stride(),
+                            first.storage_offset())
 
 
 @dataclass
 class PackedLinear:
     """A quantized weight in the layout one kernel reads, and the op that runs it.
 
-    ``op(x[..., perm], *tensors.values(), *consts)`` computes ``x @ W.T`` (``perm``: the input
+    ``op(x[..., perm], *tensors.values(), *op_consts)`` computes ``x @ W.T`` (``perm``: the input
     order of an act_order weight, or None). Made by `qcompile.lowering.pack` from a canonical
     format, turned back by `qcompile.lowering.unpack`.
+
+    ``cpu_activations`` is what the config asks for decode on CPU ("int8" or "float");
+    ``activations`` is what the op does: "int8" (the W4A8 / W8A8 CPU kernels, which quantize x to
+    int8 for at most `A8_MAX_ROWS` rows and run the float kernel above) where the weight is on the
+    CPU in a layout they read (int4; int8 per channel, symmetric), else "float".
     """
 
     layout: str
@@ -358,10 +444,35 @@ class PackedLinear:
     out_features: int
     meta: dict  # the canonical format's description (format, bits, group_size, ...)
     perm: Tensor | None = None
+    cpu_activations: str = "float"
+
+    def __post_init__(self):
+        if self.cpu_activations not in CPU_ACTIVATIONS:
+            raise ValueError(f"cpu_activations={self.cpu_activations!r}: use one of {CPU_ACTIVATIONS}")
+
+    @property
+    def activations(self) -> str:
+        if self.layout == "quik":  # QUIK quantizes activations per token at every size, on every device
+            return f"int{self.consts[0]}"
+        if self.cpu_activations != "int8" or self.layout not in A8_OPS:
+            return "float"
+        t = self.tensors
+        if t["qweight"].device.type != "cpu":
+            return "float"
+        if self.layout == "int8" and (t["scales"].dim() != 1 or t.get("zeros") is not None):
+            return "float"  # grouped or asymmetric int8: no a8 kernel
+        return "int8"
 
     @property
     def op(self):
-        return LAYOUT_OPS[self.layout]
+        return layout_op(self.layout, self.activations)
+
+    @property
+    def op_consts(self) -> tuple:
+        """The op's arguments after the tensors."""
+        if self.activations == "int8" and self.layout == "int8":
+            return (activation_group(self.layout, self.consts, self.in_features),)
+        return self.consts
 
     @property
     def nbytes(self) -> int:
@@ -371,4 +482,4 @@ class PackedLinear:
     def __call__(self, x: Tensor) -> Tensor:
         if self.perm is not None:
             x = x.index_select(-1, self.perm)
-        return self.op(x, *self.tensors.values(), *self.consts)
+        return self.op(x, *self.tensors.values(), *self.op_consts)

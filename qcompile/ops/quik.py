@@ -1,0 +1,137 @@
+"""QUIK's op (Ashkboos et al., 2024): integer weights × per-token integer activations, plus a few
+input columns ("outliers") kept in float.
+
+    qcompile::quik_mm(x, qweight, scales, rowsum, int_idx, fp_idx, fp_weight, act_bits)
+
+computes ``x @ W.T`` for a weight held as
+
+- ``qweight`` int8 [N, K_int]: signed weight codes on a symmetric grid, column j being input
+  channel ``int_idx[j]``; ``scales`` [N, G]: one scale per output row and group of K_int / G stored
+  columns (G = 1: per channel); ``rowsum`` int32 [N, G]: the sum of each group's codes;
+- ``fp_weight`` [N, k]: the float columns of the outlier input channels ``fp_idx``.
+
+At run time x's int columns are quantized per token (`quantize_activations`, asymmetric, the one
+definition every path uses) and multiplied in integers; with a = s_x·(q − z) per token and
+w = s_w·c per group:
+
+    y[m, n] = s_x[m] · Σ_g s_w[n, g] · (acc[g, m, n] − z[m] · rowsum[n, g]) + x[m, fp_idx] @ fp_weight[n]ᵀ
+
+where ``acc[g] = q[:, group g] @ c[:, group g]ᵀ`` is exact int32 (`qcompile::int8_gemm`, the only
+kernel; CPU: oneDNN's s8s8s32 GEMM, VNNI where the CPU has it, called from `lowering/cpu_kernels.cpp`). Everything around it is plain torch
+ops, so under ``torch.compile`` Inductor fuses the activation quantization with what produces x
+and the epilogue with what reads y.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .kernels import load_kernels as _load_kernels
+
+ACT_BITS = (4, 8)
+
+_lib = torch.library.Library("qcompile", "FRAGMENT")
+_lib.define("quik_mm(Tensor x, Tensor qweight, Tensor scales, Tensor rowsum, Tensor int_idx, Tensor fp_idx, "
+            "Tensor fp_weight, int act_bits) -> Tensor")
+# int32 [G, M, N]: a [M, K] @ b[N, K]ᵀ summed within each of G equal groups of K (exact integers)
+_lib.define("int8_gemm(Tensor a, Tensor b, int groups) -> Tensor")
+
+
+def quantize_activations(x: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token asymmetric quantization of x [..., K] to `bits` bits: the one definition of the
+    activation grid (the kernels, the reference and the accuracy simulation all call this).
+
+    The range [min, max] of each row is widened to hold 0 (so 0 is exact and the zero-point is an
+    integer code), scale s = (max − min) / (2^bits − 1) (1 for an all-zero row), zero-point
+    z = round(−min / s), codes q = clamp(round(x / s) + z, 0, 2^bits − 1), computed in float32.
+    Returns (q − 2^(bits−1) as int8, z − 2^(bits−1) as float32 [..., 1], s float32 [..., 1]):
+    the shift makes 8-bit codes fit int8 and leaves q − z unchanged, so x ≈ s·(q' − z')."""
+    maxq = 2**bits - 1
+    half = 2 ** (bits - 1)
+    xf = x.float()
+    lo = xf.amin(-1, keepdim=True).clamp(max=0)
+    hi = xf.amax(-1, keepdim=True).clamp(min=0)
+    s = (hi - lo) / maxq
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    z = torch.round(-lo / s)
+    q = torch.clamp(torch.round(xf / s) + z, 0, maxq)
+    return (q - half).to(torch.int8), z - half, s
+
+
+def fake_quantize_activations(x: Tensor, bits: int) -> Tensor:
+    """x rounded to its per-token grid and back (`quantize_activations`), in x's dtype."""
+    q, z, s = quantize_activations(x, bits)
+    return (s * (q.float() - z)).to(x.dtype)
+
+
+def _check(x, qweight, scales, rowsum, int_idx, fp_idx, fp_weight, act_bits) -> None:
+    n, k_int = qweight.shape
+    k = k_int + fp_idx.numel()
+    if not x.is_floating_point():
+        raise TypeError(f"qcompile::quik_mm: input must be a floating-point tensor, got {x.dtype}")
+    if x.shape[-1] != k:
+        raise ValueError(f"qcompile::quik_mm: input has {x.shape[-1]} features in its last dimension, the "
+                         f"quantized weight expects {k} ({k_int} integer + {fp_idx.numel()} float columns)")
+    if qweight.dtype != torch.int8:
+        raise TypeError(f"qcompile::quik_mm: qweight must be int8, got {qweight.dtype}")
+    if scales.dim() != 2 or scales.shape[0] != n or k_int % scales.shape[1] or rowsum.shape != scales.shape:
+        raise ValueError(f"qcompile::quik_mm: scales {tuple(scales.shape)} and rowsum {tuple(rowsum.shape)} "
+                         f"must both be [{n}, G] with G dividing {k_int}")
+    if int_idx.shape != (k_int,) or fp_weight.shape != (n, fp_idx.numel()):
+        raise ValueError(f"qcompile::quik_mm: int_idx {tuple(int_idx.shape)} must be [{k_int}] and fp_weight "
+                         f"{tuple(fp_weight.shape)} [{n}, {fp_idx.numel()}]")
+    if act_bits not in ACT_BITS:
+        raise ValueError(f"qcompile::quik_mm: act_bits={act_bits}: use one of {ACT_BITS}")
+
+
+def quik_mm(x: Tensor, qweight: Tensor, scales: Tensor, rowsum: Tensor, int_idx: Tensor, fp_idx: Tensor,
+            fp_weight: Tensor, act_bits: int) -> Tensor:
+    """x [..., K] @ W.T for a QUIK weight (see the module docstring); any device with an
+    `int8_gemm` (the reference serves every device)."""
+    _check(x, qweight, scales, rowsum, int_idx, fp_idx, fp_weight, act_bits)
+    _load_kernels(x.device)
+    n, k_int = qweight.shape
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    q, z, s = quantize_activations(x2.index_select(-1, int_idx), act_bits)
+    acc = torch.ops.qcompile.int8_gemm(q, qweight, scales.shape[1])              # int32 [G, M, N]
+    corrected = acc - z.to(torch.int32)[None] * rowsum.t()[:, None, :]          # exact, in int32
+    y = s * (corrected.float() * scales.t().float()[:, None, :]).sum(0)
+    if fp_idx.numel():
+        y = y + x2.index_select(-1, fp_idx).float() @ fp_weight.float().t()
+    return y.to(x.dtype).reshape(*lead, n)
+
+
+def int8_gemm_reference(a: Tensor, b: Tensor, groups: int) -> Tensor:
+    """Exact int32 [G, M, N] group sums of a [M, K] int8 @ b [N, K]ᵀ int8, in float64 (any device)."""
+    m, k = a.shape
+    g = k // groups
+    acc = torch.einsum("mgk,ngk->gmn", a.double().reshape(m, groups, g), b.double().reshape(b.shape[0], groups, g))
+    return acc.to(torch.int32)
+
+
+@torch.library.register_fake("qcompile::int8_gemm")
+def _(a, b, groups):
+    if a.dtype != torch.int8 or b.dtype != torch.int8 or a.shape[-1] != b.shape[-1] or a.shape[-1] % groups:
+        raise ValueError(f"qcompile::int8_gemm: int8 [M, K] @ int8 [N, K]ᵀ in {groups} groups of K, got "
+                         f"{a.dtype} {tuple(a.shape)} and {b.dtype} {tuple(b.shape)}")
+    return a.new_empty(groups, a.shape[0], b.shape[0], dtype=torch.int32)
+
+
+def quik_mm_reference(x: Tensor, qweight: Tensor, scales: Tensor, rowsum: Tensor, int_idx: Tensor,
+                      fp_idx: Tensor, fp_weight: Tensor, act_bits: int) -> Tensor:
+    """The same product in float64 from the dequantized operands (tests): x's int columns rounded
+    to their grid, times s_w·c, plus the float columns."""
+    _check(x, qweight, scales, rowsum, int_idx, fp_idx, fp_weight, act_bits)
+    x2 = x.reshape(-1, x.shape[-1])
+    xq = fake_quantize_activations(x2.index_select(-1, int_idx).float(), act_bits).double()
+    g = qweight.shape[1] // scales.shape[1]
+    w = scales.double().repeat_interleave(g, dim=1) * qweight.double()
+    y = xq @ w.t() + x2.index_select(-1, fp_idx).double() @ fp_weight.double().t()
+    return y.to(x.dtype).reshape(*x.shape[:-1], qweight.shape[0])
+
+
+_lib.impl("quik_mm", quik_mm, "CompositeImplicitAutograd")
+_lib.impl("int8_gemm", int8_gemm_reference, "CompositeExplicitAutograd")
+
+QUIK_MM = torch.ops.qcompile.quik_mm.default

@@ -1,0 +1,194 @@
+"""QUIK (QUIKConfig, qcompile::quik_mm): the activation grid has one definition, the integer GEMM is
+exact, the op matches a float64 reference of the same math on every path (eager CPU kernel, compiled),
+GPTQ with float columns matches a plain float64 column-by-column recurrence, outlier channels are
+the calibration inputs' largest max|x| and shared by layers that read one input, and save/load keeps
+them."""
+import json
+
+import pytest
+import torch
+
+import qcompile
+from qcompile import QUIKConfig, lowering
+from qcompile.formats import QuikWeight
+from qcompile.methods import gptq
+from qcompile.modules import QuantLinear
+from qcompile.ops.kernels import load_kernels
+from qcompile.ops.quik import fake_quantize_activations, int8_gemm_reference, quantize_activations, quik_mm_reference
+from tests.conftest import tiny_llama
+
+
+def calibration_ids(n=16, seqlen=32, seed=0):
+    return torch.randint(0, 256, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def random_quik(n=48, k=64, outliers=8, groups=1, bits=4, act_bits=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(k, generator=g)
+    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1)
+    return QuikWeight(torch.randint(lo, hi, (n, k - outliers), generator=g, dtype=torch.int8),
+                      torch.rand(n, groups, generator=g) + 0.05, perm[:k - outliers], perm[k - outliers:],
+                      torch.randn(n, outliers, generator=g).half(), bits, act_bits)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_activation_grid_is_asymmetric_per_token_with_exact_zero(bits):
+    x = torch.randn(5, 40) * torch.tensor([0.1, 1, 10, 100, 1000])[:, None] + 0.3
+    x[2] = x[2].abs() + 1  # all positive: the range still holds 0
+    x[3, :7] = 0
+    q, z, s = quantize_activations(x, bits)
+    maxq, half = 2**bits - 1, 2 ** (bits - 1)
+    codes = q.double() + half
+    assert q.dtype == torch.int8 and codes.min() >= 0 and codes.max() <= maxq
+    # float64 recomputation of the definition: range [min(x, 0), max(x, 0)], integer zero-point
+    xd = x.double()
+    lo, hi = xd.amin(1, keepdim=True).clamp(max=0), xd.amax(1, keepdim=True).clamp(min=0)
+    assert torch.allclose(s.double(), (hi - lo) / maxq, rtol=1e-6)
+    assert torch.equal(z, torch.round(z)) and (z + half >= 0).all() and (z + half <= maxq).all()
+    deq = s.double() * (q.double() - z.double())
+    assert ((deq - xd).abs() <= s.double() / 2 * (1 + 1e-5)).all()  # round to nearest, nothing clipped
+    assert (deq[3, :7] == 0).all()  # 0 is on the grid
+    assert torch.equal(fake_quantize_activations(x, bits), deq.float())
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+@pytest.mark.parametrize("m", [1, 3, 40])
+def test_int8_gemm_cpu_is_exact(groups, m):
+    load_kernels(torch.device("cpu"))  # the C++ kernel, not the reference, must serve the CPU
+    assert "CPU: registered at" in torch._C._dispatch_dump("qcompile::int8_gemm")
+    g = torch.Generator().manual_seed(m)
+    a = torch.randint(-128, 128, (m, 256), generator=g, dtype=torch.int8)
+    b = torch.randint(-128, 128, (72, 256), generator=g, dtype=torch.int8)
+    got = torch.ops.qcompile.int8_gemm(a, b, groups)
+    want = torch.einsum("mgk,ngk->gmn", a.long().reshape(m, groups, -1), b.long().reshape(72, groups, -1))
+    assert got.dtype == torch.int32 and torch.equal(got.long(), want)
+    # one token broadcast with stride 0 (what Inductor passes): oneDNN must not see lda = 0
+    row = a[:1].expand(1, 256).as_strided((1, 256), (0, 1))
+    assert torch.equal(torch.ops.qcompile.int8_gemm(row, b, groups), int8_gemm_reference(a[:1], b, groups))
+
+
+@pytest.mark.parametrize("act_bits", [4, 8])
+@pytest.mark.parametrize("groups", [1, 4])
+def test_quik_mm_matches_float64_reference_eager_and_compiled(act_bits, groups):
+    w = random_quik(groups=groups, act_bits=act_bits, bits=act_bits)
+    packed = lowering.pack(w, "cpu")
+    x = torch.randn(2, 7, 64) * 3
+    x[..., w.fp_idx.long()] *= 50  # the outlier channels
+    ref = quik_mm_reference(x.double(), *packed.tensors.values(), *packed.consts)
+    eager = packed(x)
+    assert eager.shape == (2, 7, 48)
+    torch.testing.assert_close(eager.double(), ref, rtol=1e-5, atol=1e-4)
+    compiled = torch.compile(lambda x: packed(x), backend="inductor", fullgraph=True)(x)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-4)
+    one = torch.compile(lambda x: packed(x), backend="inductor", fullgraph=True)(x[:1, :1])  # decode shape
+    torch.testing.assert_close(one, eager[:1, :1], rtol=1e-5, atol=1e-4)
+    # the dequantized weight and the simulation (fake-quantized activations) give the same product
+    sim = fake_quantize_activations(x[..., w.int_idx.long()], act_bits).double() @ \
+        w.dequantize(torch.float64)[:, w.int_idx.long()].t() + x[..., w.fp_idx.long()].double() @ \
+        w.fp_weight.double().t()
+    torch.testing.assert_close(eager.double(), sim, rtol=1e-5, atol=1e-4)
+
+
+def test_quik_mm_rejects_bad_inputs():
+    packed = lowering.pack(random_quik(), "cpu")
+    with pytest.raises(ValueError, match="64.*56 integer \\+ 8 float"):
+        packed(torch.randn(3, 60))
+    with pytest.raises(TypeError, match="floating-point"):
+        packed(torch.ones(3, 64, dtype=torch.long))
+    w = random_quik()
+    with pytest.raises(ValueError, match="each of the 64 input channels once"):
+        QuikWeight(w.qweight, w.scales, w.int_idx, w.int_idx[:8], w.fp_weight)
+
+
+def naive_gptq_float_tail(w, h, k_int, bits, damp):
+    """Plain float64 GPTQ, one column at a time, per-channel symmetric min/max grid on the first k_int
+    columns; the rest stay float and take the error feedback."""
+    w = w.double().clone()
+    h = h.double() + damp * h.diagonal().mean() * torch.eye(h.shape[0], dtype=torch.float64)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    maxq, half = 2**bits - 1, 2 ** (bits - 1)
+    s = 2 * w[:, :k_int].abs().amax(1) / maxq  # symmetric: [-max|w|, max|w|] over maxq steps
+    s = s.to(torch.bfloat16).double()
+    codes = torch.empty(w.shape[0], k_int, dtype=torch.float64)
+    for j in range(k_int):
+        q = torch.clamp(torch.round(w[:, j] / s) + half, 0, maxq)
+        codes[:, j] = q
+        e = (w[:, j] - s * (q - half)) / hinv[j, j]
+        w[:, j:] -= e[:, None] * hinv[j, j:][None, :]
+    return codes, s, w[:, k_int:]
+
+
+def test_gptq_float_columns_match_plain_recurrence():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 40, generator=g, dtype=torch.float64) * torch.linspace(0.2, 3, 40, dtype=torch.float64)
+    h = 2 * x.t() @ x / x.shape[0]
+    w = torch.randn(24, 40, generator=g, dtype=torch.float64)
+    inv = gptq.invert(h, act_order=False, damp_percent=0.01)
+    result = gptq.gptq_quantize(w, inv, bits=4, group_size=None, sym=True, block_size=8, float_columns=8,
+                                scale_dtype=torch.bfloat16)
+    codes, s, tail = naive_gptq_float_tail(w, h, 32, 4, 0.01)
+    assert result.codes.shape == (24, 32)
+    assert (result.codes.double() != codes).float().mean() < 0.01  # rounding ties in float may differ
+    torch.testing.assert_close(result.scales[:, 0].double(), s)
+    torch.testing.assert_close(result.float_tail.double(), tail, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(result.float_tail, w[:, 32:])  # the float columns took error feedback
+
+
+def test_quantize_tiny_llama_with_quik():
+    model, ref = tiny_llama(), tiny_llama()
+    ids = calibration_ids()
+    # max|x| of the first block's q_proj input on the float model: the outlier ranking
+    seen = []
+    hook = ref.model.layers[0].self_attn.q_proj.register_forward_pre_hook(
+        lambda m, a: seen.append(a[0].detach().reshape(-1, a[0].shape[-1]).abs().amax(0)))
+    with torch.no_grad():
+        for row in ids.split(8):
+            ref(row)
+    hook.remove()
+    absmax = torch.stack(seen).amax(0)
+    qcompile.quantize(model, QUIKConfig(outliers=12), calibration=ids, progress=False)
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    for m in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.down_proj):
+        assert isinstance(m, QuantLinear) and m.layout == "quik"
+    assert attn.q_proj.fp_idx.numel() == 12 and mlp.down_proj.fp_idx.numel() == 24  # w8a8: twice
+    assert attn.k_proj.fp_idx is attn.q_proj.fp_idx and mlp.up_proj.int_idx is mlp.gate_proj.int_idx
+    assert set(attn.q_proj.fp_idx.tolist()) == set(absmax.topk(12).indices.tolist())
+    assert attn.q_proj.activations == "int4" and mlp.down_proj.activations == "int8"
+    lines = str(model.qcompile_report).splitlines()
+    assert any("q_proj" in ln and "quik_mm" in ln and "int4" in ln and "12 float outlier columns" in ln for ln in lines)
+    assert any("down_proj" in ln and "W8A8" in ln and "int8" in ln for ln in lines)
+    x = calibration_ids(2, 24, seed=1)
+    with torch.no_grad():
+        a, b = ref(x).logits, model(x).logits
+        c = torch.compile(model, backend=qcompile, fullgraph=True)(x).logits
+    assert (a - b).abs().max() < 0.5 * a.abs().max()  # close to float, not equal
+    torch.testing.assert_close(c, b, rtol=1e-4, atol=1e-4)
+
+
+def test_quik_save_load_keeps_outlier_channels(tmp_path):
+    model = qcompile.quantize(tiny_llama(), QUIKConfig(group_size=32), calibration=calibration_ids(), progress=False)
+    qcompile.save(model, tmp_path)
+    meta = json.loads((tmp_path / "qcompile.json").read_text())
+    layer = meta["layers"]["model.layers.0.self_attn.q_proj"]
+    assert layer["format"] == "quik" and layer["act_bits"] == 4 and layer["group_size"] == 32
+    loaded = qcompile.load(tiny_llama(seed=5), tmp_path)  # other float weights: nothing recomputed
+    x = calibration_ids(2, 24, seed=1)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=0, atol=0)
+    q0, l0 = model.model.layers[0].self_attn.q_proj, loaded.model.layers[0].self_attn.q_proj
+    assert torch.equal(q0.fp_idx, l0.fp_idx) and torch.equal(q0.qweight, l0.qweight)
+    assert loaded.model.layers[0].self_attn.v_proj.fp_idx is l0.fp_idx  # shared again after loading
+
+
+def test_quik_config_checks():
+    for bad in (-1, 1.5, True, "5%"):
+        with pytest.raises(ValueError, match="outliers"):
+            QUIKConfig(outliers=bad).validate()
+    with pytest.raises(ValueError, match="act_bits=3"):
+        QUIKConfig(act_bits=3).validate()
+    with pytest.raises(ValueError, match="lm_head_bits=4"):
+        QUIKConfig(lm_head_bits=4).validate()
+    cfg = QUIKConfig(outliers=32, group_size=-1, w8a8=())
+    assert cfg.group_size is None and cfg.outlier_count("model.layers.0.mlp.down_proj", 1536) == 32
+    assert QUIKConfig().outlier_count("model.layers.0.mlp.down_proj", 1536) == 2 * round(0.05 * 1536)
+    assert qcompile.QuantConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
