@@ -33,7 +33,7 @@ import torch
 import qcompile
 from qcompile import GANQConfig, GPTQConfig, RTNConfig
 from qcompile.tools import devset
-from qcompile.tools.evaluate import Perplexity, window_nll
+from qcompile.tools.evaluate import Perplexity, paired_ratio_text, window_nll
 from qcompile.methods import gptq, plan_linear, quantize_linear
 from qcompile.tools.models import load_model
 from qcompile.quantize import install, linear_modules, untie
@@ -192,11 +192,7 @@ def write(results: list[dict]) -> None:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        rel = ""
-        if base and r is not base:
-            rel_r, rel_se = Perplexity(torch.tensor(r["nll"], dtype=torch.float64)).ratio_to(
-                Perplexity(torch.tensor(base["nll"], dtype=torch.float64)))
-            rel = f"{rel_r:.3f}x ± {rel_se:.3f}"
+        rel = paired_ratio_text(r["nll"], base["nll"]) if base and r is not base else ""
         q = f"{r['quantize_s']:.1f} | {r['quantize_cpu_s']:.1f}" if r["quantize_s"] else "- | -"
         lines.append(f"| {r['name']} | {r['ppl']:.2f} ± {r['se']:.2f} | {rel} | {q} | {r['load_avg']} | "
                      f"{r['decoder_weight_mib']:.2f} | {r['note']} |")

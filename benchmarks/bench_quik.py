@@ -43,7 +43,7 @@ from qcompile.quantize import install, untie
 from qcompile.report import GraphReport, Report
 from qcompile.methods import plan_linear
 from qcompile.tools import devset
-from qcompile.tools.evaluate import Perplexity, window_nll
+from qcompile.tools.evaluate import Perplexity, paired_ratio_text, window_nll
 from qcompile.tools.models import load_model
 
 OUT = Path(__file__).parent / "results"
@@ -149,11 +149,7 @@ def write(results: list[dict], split: str, path: Path) -> None:
              "All quantized rows keep the int8 per-channel lm_head.", "",
              "| variant | perplexity | vs float32 | quantize (s) | note |", "|---|---|---|---|---|"]
     for r in results:
-        rel = ""
-        if base and r is not base:
-            rr, se = Perplexity(torch.tensor(r["nll"], dtype=torch.float64)).ratio_to(
-                Perplexity(torch.tensor(base["nll"], dtype=torch.float64)))
-            rel = f"{rr:.3f}x ± {se:.3f}"
+        rel = paired_ratio_text(r["nll"], base["nll"]) if base and r is not base else ""
         q = f"{r['quantize_s']:.0f}" if r["quantize_s"] else "-"
         lines.append(f"| {r['name']} | {r['ppl']:.2f} ± {r['se']:.2f} | {rel} | {q} | {r['note']} |")
     default = next((r for r in results if "(default)" in r["name"] and "float x" not in r["name"]), None)

@@ -82,6 +82,13 @@ class Perplexity:
         return r, (r * d.std().item() / math.sqrt(d.numel()) if d.numel() > 1 else 0.0)
 
 
+def paired_ratio_text(nll: list[float], base_nll: list[float]) -> str:
+    """"r.rrrx ± s.sss": perplexity of `nll` over `base_nll`'s, paired over the same windows (tables)."""
+    r, se = Perplexity(torch.tensor(nll, dtype=torch.float64)).ratio_to(
+        Perplexity(torch.tensor(base_nll, dtype=torch.float64)))
+    return f"{r:.3f}x ± {se:.3f}"
+
+
 def perplexity(model, tokenizer=None, text: str | list[str] | None = None, *, ids: torch.Tensor | None = None,
                seqlen: int = 512, max_tokens: int | None = None, progress: bool = True,
                desc: str = "perplexity") -> float:
