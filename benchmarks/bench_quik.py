@@ -17,8 +17,9 @@ token, no float columns.
 
 Speed: one linear of each SmolLM2 shape, median of repeats, 2 threads: float32 ``F.linear``;
 qcompile's weight-only int4 (RTN g64, the default recipe's layers: the CPU int4 kernel, W4A8 at
-M <= 8); QUIK (W4A4 per channel, 5% float columns; W8A8 for down_proj's shape) eager and under
-``torch.compile`` (Inductor fuses the activation quantization and the epilogue around the int8 GEMM).
+M <= 8); QUIK (`QUIKConfig()`'s layer settings; W8A8 for down_proj's shape) eager and under
+``torch.compile`` (Inductor fuses the activation quantization and the epilogue around the integer
+GEMM, qcompile::quik_gemm); the other weight grouping; the oneDNN int8 GEMM path.
 Writes benchmarks/results/quik_smollm2[_tune].{md,json} or quik_cpu_speed.{md,json}.
 """
 from __future__ import annotations
@@ -96,13 +97,16 @@ def rows(split: str):
                 yield f"quik w4a4 {g} outliers {share}", quik(outliers=share, group_size=group), False, ""
         return
     yield "rtn w4a4 no outliers", rtn_w4a4, False, "collapses: no float columns, 4-bit down_proj"
-    for share in (0.0, 0.02, DEFAULT.outliers, 0.1):
+    g = "per-channel" if DEFAULT.group_size is None else f"g{DEFAULT.group_size}"
+    for share in (0.0, 0.02, 0.05, 0.1):
         default = share == DEFAULT.outliers
-        yield (f"quik w4a4 outliers {share}" + (" (default)" if default else ""), quik(outliers=share), default,
+        yield (f"quik w4a4 {g} outliers {share}" + (" (default)" if default else ""), quik(outliers=share), default,
                "down_proj W8A8 with twice the float columns" + ("; QUIKConfig()" if default else ""))
-    yield "quik w4a4 g32 outliers 0.05", quik(group_size=32), False, "weight scales per 32 integer columns"
+    other = 32 if DEFAULT.group_size is None else None
+    yield (f"quik w4a4 {'per-channel' if other is None else f'g{other}'} outliers {DEFAULT.outliers}",
+           quik(group_size=other), False, "the other weight grouping" + (" (QUIK's own)" if other is None else ""))
     yield "quik all 4-bit", quik(w8a8=()), False, "down_proj W4A4 too (QUIK's 8.87 ablation)"
-    yield "w8a8", quik(bits=8, act_bits=8, outliers=0, w8a8=()), False, "per-channel weights, per-token activations, no float columns"
+    yield "w8a8", quik(bits=8, act_bits=8, outliers=0, w8a8=(), group_size=None), False, "per-channel weights, per-token activations, no float columns"
 
 
 def evaluate(split: str, only: list[str] | None) -> None:
@@ -209,6 +213,10 @@ def speed(repeats: int) -> None:
             variants[group] = (q, packed, torch.compile(lambda x, p=packed: p(x), backend="inductor", dynamic=False))
         q, packed, compiled = variants[DEFAULT.group_size]
         other_group, (_, _, other) = next((g, v) for g, v in variants.items() if g != DEFAULT.group_size)
+        # the same layer through oneDNN's s8s8s32 GEMM (the canonical, unblocked codes: qcompile::int8_gemm)
+        canonical = dict(packed.tensors, qweight=q.qweight, scales=q.scales, rowsum=q.rowsum())
+        onednn = torch.compile(lambda x: torch.ops.qcompile.quik_mm(x, *canonical.values(), act_bits),
+                               backend="inductor", dynamic=False)
         for m in (1, 16, 128, 512):
             x = torch.randn(m, k)
             t_f = median_us(lambda: F.linear(x, w), repeats)
@@ -216,10 +224,12 @@ def speed(repeats: int) -> None:
             t_qe = median_us(lambda: packed(x), repeats)
             t_qc = median_us(lambda: compiled(x), repeats)
             t_o = median_us(lambda: other(x), repeats)
+            t_d = median_us(lambda: onednn(x), repeats)
             r = {"layer": label, "n": n, "k": k, "m": m,
                  "quik": f"W{bits}A{act_bits}, {q.fp_idx.numel()} float columns",
                  "float32_us": round(t_f, 1), "int4_us": round(t_4, 1), "quik_eager_us": round(t_qe, 1),
-                 "quik_compiled_us": round(t_qc, 1), "other_group": other_group, "other_compiled_us": round(t_o, 1)}
+                 "quik_compiled_us": round(t_qc, 1), "other_group": other_group, "other_compiled_us": round(t_o, 1),
+                 "onednn_compiled_us": round(t_d, 1)}
             results.append(r)
             print(r, flush=True)
     lines = ["# QUIK linear layers on CPU (SmolLM2-135M shapes)", "",
@@ -227,19 +237,20 @@ def speed(repeats: int) -> None:
              f"torch {torch.__version__}; median of {repeats} calls, microseconds; load avg {os.getloadavg()[0]:.1f} at the "
              "end. int4: qcompile's weight-only int4 (RTN g64; W4A8 kernel at M <= 8). QUIK: `QUIKConfig()`'s "
              f"layer settings (weight groups: {DEFAULT.group_size or 'per channel'}), symmetric weights, per-token "
-             "asymmetric activations, int8 GEMM by oneDNN (one per weight group); compiled: the op under "
-             "torch.compile (Inductor fuses quantization and epilogue). Last column: the same layer with the other "
-             "weight grouping, compiled.", "",
+             "asymmetric activations, integer part by qcompile::quik_gemm (blocked weights, VNNI, int32 sums "
+             "scaled per group); compiled: the op under torch.compile (Inductor fuses quantization and epilogue). "
+             "Last columns: the same layer with the other weight grouping, and through oneDNN's int8 GEMM (one "
+             "per weight group), both compiled.", "",
              "| layer | N x K | M | QUIK | float32 | int4 | QUIK eager | QUIK compiled | compiled vs float32 | vs int4 "
-             "| other grouping |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| other grouping | oneDNN path |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         grouping = "per channel" if r["other_group"] is None else f"g{r['other_group']}"
         other = f"{r['other_compiled_us']:.0f} ({grouping})"
         lines.append(f"| {r['layer']} | {r['n']}x{r['k']} | {r['m']} | {r['quik']} | {r['float32_us']:.0f} | "
                      f"{r['int4_us']:.0f} | {r['quik_eager_us']:.0f} | {r['quik_compiled_us']:.0f} | "
                      f"{r['float32_us'] / r['quik_compiled_us']:.2f}x | {r['int4_us'] / r['quik_compiled_us']:.2f}x | "
-                     f"{other} |")
+                     f"{other} | {r['onednn_compiled_us']:.0f} |")
     text = "\n".join(lines) + "\n"
     (OUT / "quik_cpu_speed.md").write_text(text)
     (OUT / "quik_cpu_speed.json").write_text(json.dumps({"results": results}, indent=1) + "\n")

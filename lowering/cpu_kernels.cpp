@@ -789,10 +789,181 @@ at::Tensor int8_gemm_cpu(const at::Tensor& a, const at::Tensor& b, int64_t group
   return out;
 }
 
+// --- QUIK's integer GEMM on a blocked weight (qcompile::quik_gemm, qcompile/ops/quik.py) ---------------
+// out[m, n] = sum_g s[n, g] * sum_{k in g} c[n, k] * (a[m, k] - zero[m])
+// a: int8 [M, K] activation codes (per-token grid shifted by 2^(bits-1)); zero: float [M, 1] (integral).
+// The weight is blocked at load time for this loop (ops/quik.py, block_weight): 16 output channels side by side,
+//   8-bit: b int8  [N/16, Kp/4, 16, 4]  (lane n holds k..k+3: one vpdpbusd operand per 64 bytes)
+//   4-bit: b uint8 [N/16, Kp/8, 16, 4]  (byte j: code(k+j) + 8 in the low nibble, code(k+4+j) + 8 in the high)
+// s / rowsum: [N/16, G, 16] float / int32 (rowsum: the group's sum of codes). A group's int32 sums are exact; they
+// are scaled once per group, as llama.cpp's blocks are. vpdpbusd multiplies unsigned by signed bytes, so the
+// activations go in as a + 128 and the correction is (128 + zero) * rowsum, taken off in int32.
+#if defined(QCOMPILE_VNNI) && defined(__AVX512F__) && defined(__AVX512BW__)
+template <int MR, int NV, bool FOUR>
+void quik_tile(const uint8_t* au, int64_t Kp, const uint8_t* b, int64_t bstride, const float* s, const int32_t* rs,
+               int64_t G, int64_t gk, const int32_t* zc, float* out, int64_t ldo, int64_t nvalid) {
+  __m512 facc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) facc[r][v] = _mm512_setzero_ps();
+  const __m512i low = _mm512_set1_epi8(15), eight = _mm512_set1_epi8(8);
+  for (int64_t g = 0; g < G; ++g) {
+    __m512i acc[MR][NV];
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_si512();
+    const int64_t k0 = g * gk, k1 = k0 + gk;
+    if constexpr (FOUR) {
+      for (int64_t k = k0; k < k1; k += 8) {
+        __m512i wl[NV], wh[NV];
+        for (int v = 0; v < NV; ++v) {
+          const __m512i w = _mm512_loadu_si512(b + v * bstride + k * 8);  // (k / 8) * 64 bytes
+          wl[v] = _mm512_sub_epi8(_mm512_and_si512(w, low), eight);
+          wh[v] = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(w, 4), low), eight);
+        }
+        for (int r = 0; r < MR; ++r) {
+          int32_t lo4, hi4;
+          std::memcpy(&lo4, au + r * Kp + k, 4);
+          std::memcpy(&hi4, au + r * Kp + k + 4, 4);
+          const __m512i xl = _mm512_set1_epi32(lo4), xh = _mm512_set1_epi32(hi4);
+          for (int v = 0; v < NV; ++v)
+            acc[r][v] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc[r][v], xl, wl[v]), xh, wh[v]);
+        }
+      }
+    } else {
+      for (int64_t k = k0; k < k1; k += 4) {
+        __m512i w[NV];
+        for (int v = 0; v < NV; ++v) w[v] = _mm512_loadu_si512(b + v * bstride + k * 16);  // (k / 4) * 64 bytes
+        for (int r = 0; r < MR; ++r) {
+          int32_t x4;
+          std::memcpy(&x4, au + r * Kp + k, 4);
+          const __m512i x = _mm512_set1_epi32(x4);
+          for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], x, w[v]);
+        }
+      }
+    }
+    for (int v = 0; v < NV; ++v) {
+      const __m512 sv = _mm512_loadu_ps(s + v * G * 16 + g * 16);
+      const __m512i rv = _mm512_loadu_si512(rs + v * G * 16 + g * 16);
+      for (int r = 0; r < MR; ++r) {
+        const __m512i d = _mm512_sub_epi32(acc[r][v], _mm512_mullo_epi32(_mm512_set1_epi32(zc[r]), rv));
+        facc[r][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sv, facc[r][v]);
+      }
+    }
+  }
+  for (int v = 0; v < NV; ++v) {
+    const int64_t left = nvalid - 16 * v;
+    const __mmask16 mask = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << std::max<int64_t>(left, 0)) - 1);
+    for (int r = 0; r < MR; ++r) _mm512_mask_storeu_ps(out + r * ldo + 16 * v, mask, facc[r][v]);
+  }
+}
+
+template <int NV, bool FOUR>
+void quik_tile_rows(int mr, const uint8_t* au, int64_t Kp, const uint8_t* b, int64_t bstride, const float* s,
+                    const int32_t* rs, int64_t G, int64_t gk, const int32_t* zc, float* out, int64_t ldo, int64_t nvalid) {
+  switch (mr) {
+    case 4: quik_tile<4, NV, FOUR>(au, Kp, b, bstride, s, rs, G, gk, zc, out, ldo, nvalid); break;
+    case 3: quik_tile<3, NV, FOUR>(au, Kp, b, bstride, s, rs, G, gk, zc, out, ldo, nvalid); break;
+    case 2: quik_tile<2, NV, FOUR>(au, Kp, b, bstride, s, rs, G, gk, zc, out, ldo, nvalid); break;
+    default: quik_tile<1, NV, FOUR>(au, Kp, b, bstride, s, rs, G, gk, zc, out, ldo, nvalid);
+  }
+}
+#endif
+
+// Without VNNI: the same blocks, one output block of 16 channels and one row at a time, in plain loops that the
+// compiler vectorizes (AVX2 or not); signed activations, so the correction is zero * rowsum.
+void quik_block_portable(const int8_t* a, int64_t K, const uint8_t* b, bool four, const float* s, const int32_t* rs,
+                         int64_t G, int64_t gk, int32_t zero, float* out, int64_t nvalid) {
+  float total[16] = {};
+  for (int64_t g = 0; g < G; ++g) {
+    int32_t acc[16] = {};
+    for (int64_t k = g * gk; k < std::min(K, (g + 1) * gk); ++k) {
+      int8_t c[16];
+      if (four) {
+        const uint8_t* blk = b + (k / 8) * 64 + (k % 8) % 4;
+        const int shift = (k % 8) < 4 ? 0 : 4;
+        for (int l = 0; l < 16; ++l) c[l] = static_cast<int8_t>(((blk[4 * l] >> shift) & 15) - 8);
+      } else {
+        const int8_t* blk = reinterpret_cast<const int8_t*>(b) + (k / 4) * 64 + k % 4;
+        for (int l = 0; l < 16; ++l) c[l] = blk[4 * l];
+      }
+      for (int l = 0; l < 16; ++l) acc[l] += static_cast<int32_t>(a[k]) * c[l];
+    }
+    for (int l = 0; l < 16; ++l) total[l] += s[g * 16 + l] * static_cast<float>(acc[l] - zero * rs[g * 16 + l]);
+  }
+  for (int64_t l = 0; l < std::min<int64_t>(nvalid, 16); ++l) out[l] = total[l];
+}
+
+at::Tensor quik_gemm_cpu(const at::Tensor& a, const at::Tensor& zero, const at::Tensor& b, const at::Tensor& scales,
+                         const at::Tensor& rowsum, int64_t n) {
+  TORCH_CHECK_TYPE(a.scalar_type() == at::kChar && a.dim() == 2, "qcompile::quik_gemm: a must be int8 [M, K], got ",
+                   a.scalar_type(), " ", a.sizes());
+  TORCH_CHECK_TYPE((b.scalar_type() == at::kChar || b.scalar_type() == at::kByte) && b.dim() == 3 && b.size(2) == 64,
+                   "qcompile::quik_gemm: b must be a blocked int8/uint8 [N/16, K/4 or K/8, 64] weight, got ",
+                   b.scalar_type(), " ", b.sizes());
+  TORCH_CHECK_TYPE(scales.scalar_type() == at::kFloat && rowsum.scalar_type() == at::kInt && zero.scalar_type() == at::kFloat,
+                   "qcompile::quik_gemm: scales float32, rowsum int32 and zero float32 expected");
+  const bool four = b.scalar_type() == at::kByte;
+  const int64_t M = a.size(0), K = a.size(1), Nb = b.size(0), Kp = b.size(1) * (four ? 8 : 4), G = scales.size(1);
+  TORCH_CHECK_VALUE(Nb == (n + 15) / 16 && K <= Kp && Kp - K < (four ? 8 : 4) && scales.dim() == 3 &&
+                        scales.size(0) == Nb && scales.size(2) == 16 && rowsum.sizes() == scales.sizes() &&
+                        zero.numel() == M && (G == 1 || (Kp == K && K % G == 0 && (K / G) % (four ? 8 : 4) == 0)),
+                    "qcompile::quik_gemm: a ", a.sizes(), ", b ", b.sizes(), ", scales ", scales.sizes(), ", rowsum ",
+                    rowsum.sizes(), ", zero ", zero.sizes(), " do not describe one blocked ", n, "-row weight");
+  const int64_t gk = G == 1 ? Kp : K / G, bstride = b.size(1) * 64;
+  const auto bc = b.contiguous(), sc = scales.contiguous(), rc = rowsum.contiguous(), ac = a.contiguous();
+  const auto zf = zero.contiguous();
+  auto out = at::empty({M, n}, a.options().dtype(at::kFloat));
+  const auto* bp = static_cast<const uint8_t*>(bc.data_ptr());
+  const float* sp = sc.data_ptr<float>();
+  const int32_t* rp = rc.data_ptr<int32_t>();
+  const float* zp = zf.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  std::vector<int32_t> zi(M);
+  for (int64_t m = 0; m < M; ++m) zi[m] = static_cast<int32_t>(std::lrint(zp[m]));
+#if defined(QCOMPILE_VNNI) && defined(__AVX512F__) && defined(__AVX512BW__)
+  // the unsigned operand: a + 128, zero-padded to Kp (padded weight codes are 0)
+  std::vector<uint8_t> au(M * Kp, 128);
+  const int8_t* ap = ac.data_ptr<int8_t>();
+  at::parallel_for(0, M, 64, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      for (int64_t k = 0; k < K; ++k) au[m * Kp + k] = static_cast<uint8_t>(ap[m * K + k] ^ 0x80);
+  });
+  for (auto& z : zi) z += 128;
+  // tasks: pairs of 16-channel blocks x all rows (a block's weight stays in L2 while the rows stream by)
+  at::parallel_for(0, (Nb + 1) / 2, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t nb = 2 * t, nv = std::min<int64_t>(2, Nb - nb), nvalid = n - 16 * nb;
+      const uint8_t* bt = bp + nb * bstride;
+      const float* st = sp + nb * G * 16;
+      const int32_t* rt = rp + nb * G * 16;
+      for (int64_t m = 0; m < M; m += 4) {
+        const int mr = static_cast<int>(std::min<int64_t>(4, M - m));
+        float* o = op + m * n + 16 * nb;
+        if (nv == 2)
+          four ? quik_tile_rows<2, true>(mr, &au[m * Kp], Kp, bt, bstride, st, rt, G, gk, &zi[m], o, n, nvalid)
+               : quik_tile_rows<2, false>(mr, &au[m * Kp], Kp, bt, bstride, st, rt, G, gk, &zi[m], o, n, nvalid);
+        else
+          four ? quik_tile_rows<1, true>(mr, &au[m * Kp], Kp, bt, bstride, st, rt, G, gk, &zi[m], o, n, nvalid)
+               : quik_tile_rows<1, false>(mr, &au[m * Kp], Kp, bt, bstride, st, rt, G, gk, &zi[m], o, n, nvalid);
+      }
+    }
+  });
+#else
+  const int8_t* ap = ac.data_ptr<int8_t>();
+  at::parallel_for(0, Nb, 1, [&](int64_t n0, int64_t n1) {
+    for (int64_t nb = n0; nb < n1; ++nb)
+      for (int64_t m = 0; m < M; ++m)
+        quik_block_portable(ap + m * K, K, bp + nb * bstride, four, sp + nb * G * 16, rp + nb * G * 16, G, gk, zi[m],
+                            op + m * n + 16 * nb, n - 16 * nb);
+  });
+#endif
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(QCOMPILE_OPS, CPU, m) {
   m.impl("int8_gemm", &int8_gemm_cpu);
+  m.impl("quik_gemm", &quik_gemm_cpu);
   m.impl("int4_mm_kernel", &int4_mm_cpu);
   m.impl("int8_mm_kernel", &int8_mm_cpu);
   m.impl("lut_mm_kernel", &lut_mm_cpu);

@@ -14,7 +14,8 @@ from qcompile.formats import QuikWeight
 from qcompile.methods import gptq
 from qcompile.modules import QuantLinear
 from qcompile.ops.kernels import load_kernels
-from qcompile.ops.quik import fake_quantize_activations, int8_gemm_reference, quantize_activations, quik_mm_reference
+from qcompile.ops.quik import (block_weight, fake_quantize_activations, int8_gemm_reference, quantize_activations,
+                                quik_gemm_reference, quik_mm_reference, unblock_weight)
 from tests.conftest import tiny_llama
 
 
@@ -65,6 +66,56 @@ def test_int8_gemm_cpu_is_exact(groups, m):
     # one token broadcast with stride 0 (what Inductor passes): oneDNN must not see lda = 0
     row = a[:1].expand(1, 256).as_strided((1, 256), (0, 1))
     assert torch.equal(torch.ops.qcompile.int8_gemm(row, b, groups), int8_gemm_reference(a[:1], b, groups))
+
+
+FLAGS = next((ln.split() for ln in open("/proc/cpuinfo").read().splitlines() if ln.startswith("flags")), [])
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("n, k, groups", [(48, 64, 1), (40, 61, 1), (33, 96, 3), (1536, 576, 18)])
+def test_blocked_weight_round_trips(bits, n, k, groups):
+    w = random_quik(n=n, k=k + 5, outliers=5, groups=groups, bits=bits, act_bits=bits)
+    b, s, r = block_weight(w.qweight, w.scales, w.rowsum(), bits)
+    assert b.dtype == (torch.uint8 if bits == 4 else torch.int8) and b.shape[0] == -(-n // 16)
+    run = 8 if bits == 4 else 4  # inputs per channel in a block; 4 bits: two codes a byte
+    assert b.shape == (-(-n // 16), -(-k // run), 64)
+    # byte 4·l + j of block t is channel l's code at k = 4t + j (8 bits); nibbles at 8t + j / 8t + 4 + j (4 bits)
+    c, t, j = 5, 1, 2
+    if bits == 8:
+        assert b[0, t, 4 * c + j] == w.qweight[c, 4 * t + j]
+    else:
+        byte = int(b[0, t, 4 * c + j])
+        assert (byte & 15) - 8 == w.qweight[c, 8 * t + j] and (byte >> 4) - 8 == w.qweight[c, 8 * t + 4 + j]
+    q, s2, r2 = unblock_weight(b, s, r, n, k)
+    assert torch.equal(q, w.qweight) and torch.equal(r2, w.rowsum()) and torch.equal(s2, w.scales.float())
+
+
+@pytest.mark.parametrize("isa", ["native", pytest.param("avx2", marks=pytest.mark.skipif(
+    "avx2" not in FLAGS, reason="no AVX2 on this CPU")), "scalar"])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("n, k, groups", [(48, 64, 1), (40, 61, 1), (33, 96, 3), (1536, 576, 18), (576, 1536, 1)])
+@pytest.mark.parametrize("m", [1, 3, 6, 13])
+def test_quik_gemm_cpu_is_exact_on_integers(isa, bits, n, k, groups, m):
+    """The blocked kernel (each ISA variant): with unit scales every output is an exact integer, equal to
+    int64 math; with real scales it matches float64 to float32 rounding of the per-group sums."""
+    from qcompile.lowering import cpu_kernels
+    assert cpu_kernels.load(isa), f"the {isa} CPU kernels did not build"
+    ops = torch.ops.qcompile if isa == "native" else getattr(torch.ops, f"qcompile_{isa}")
+    w = random_quik(n=n, k=k, outliers=0, groups=groups, bits=bits, act_bits=bits, seed=m)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 3
+    x[0, : k // 3] = 0  # a stretch of exact zeros
+    q, z, _ = quantize_activations(x, bits)
+    ones = torch.ones_like(w.scales)
+    b, s1, r = block_weight(w.qweight, ones, w.rowsum(), bits)
+    want = (q.long() - z.long()) @ w.qweight.long().t()
+    got = ops.quik_gemm(q, z, b, s1, r, n)
+    assert got.shape == (m, n) and torch.equal(got.double(), want.double())
+    b, s, r = block_weight(w.qweight, w.scales, w.rowsum(), bits)
+    got = ops.quik_gemm(q, z, b, s, r, n)
+    ref = quik_gemm_reference(q, z, b, s, r, n).double()
+    g = k // groups
+    terms = (q.double() - z.double()).abs() @ (w.scales.double().repeat_interleave(g, 1) * w.qweight.double()).abs().t()
+    assert torch.all((got.double() - ref).abs() <= 1e-6 * terms.amax() + 1e-30)
 
 
 @pytest.mark.parametrize("act_bits", [4, 8])
@@ -152,7 +203,7 @@ def test_quantize_tiny_llama_with_quik():
             ref(row)
     hook.remove()
     absmax = torch.stack(seen).amax(0)
-    qcompile.quantize(model, QUIKConfig(outliers=12), calibration=ids, progress=False)
+    qcompile.quantize(model, QUIKConfig(outliers=12, group_size=None), calibration=ids, progress=False)
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
     for m in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.down_proj):
         assert isinstance(m, QuantLinear) and m.layout == "quik"
@@ -160,6 +211,9 @@ def test_quantize_tiny_llama_with_quik():
     assert attn.k_proj.fp_idx is attn.q_proj.fp_idx and mlp.up_proj.int_idx is mlp.gate_proj.int_idx
     assert set(attn.q_proj.fp_idx.tolist()) == set(absmax.topk(12).indices.tolist())
     assert attn.q_proj.activations == "int4" and mlp.down_proj.activations == "int8"
+    # on CPU the codes are blocked for qcompile::quik_gemm, 4-bit ones two a byte
+    assert attn.q_proj.qweight.dtype == torch.uint8 and attn.q_proj.qweight.dim() == 3
+    assert mlp.down_proj.qweight.dtype == torch.int8 and mlp.down_proj.qweight.dim() == 3
     lines = str(model.qcompile_report).splitlines()
     assert any("q_proj" in ln and "quik_mm" in ln and "int4" in ln and "12 float outlier columns" in ln for ln in lines)
     assert any("down_proj" in ln and "W8A8" in ln and "int8" in ln for ln in lines)
@@ -196,5 +250,15 @@ def test_quik_config_checks():
         QUIKConfig(lm_head_bits=4).validate()
     cfg = QUIKConfig(outliers=32, group_size=-1, w8a8=())
     assert cfg.group_size is None and cfg.outlier_count("model.layers.0.mlp.down_proj", 1536) == 32
-    assert QUIKConfig().outlier_count("model.layers.0.mlp.down_proj", 1536) == 2 * round(0.05 * 1536)
+    assert QUIKConfig().outlier_count("model.layers.0.mlp.down_proj", 1536) == 2 * round(0.1 * 1536)
     assert qcompile.QuantConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_quik_without_outlier_columns_is_plain_w4a4():
+    model = qcompile.quantize(tiny_llama(), QUIKConfig(outliers=0), calibration=calibration_ids(), progress=False)
+    q = model.model.layers[0].self_attn.q_proj
+    assert q.layout == "quik" and q.fp_idx.numel() == 0 and q.fp_weight.shape == (128, 0)
+    x = calibration_ids(1, 16, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, backend=qcompile)(x).logits, model(x).logits,
+                                   rtol=1e-4, atol=1e-4)

@@ -30,6 +30,8 @@ def outlier_split(absmax: Tensor, outliers: int, group_size: int | None) -> tupl
 def _to_format(codes: Tensor, scales: Tensor, fp_weight: Tensor, int_idx: Tensor, fp_idx: Tensor, bits: int,
                act_bits: int) -> QuikWeight:
     half = 2 ** (bits - 1)  # symmetric grid: zero-point 2^(bits-1), so the signed code is q - half
+    if fp_weight is None:  # no float columns
+        fp_weight = scales.new_zeros(codes.shape[0], 0)
     return QuikWeight((codes - half).to(torch.int8), scales, int_idx, fp_idx, fp_weight.to(torch.float16),
                       bits, act_bits)
 

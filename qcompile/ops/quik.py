@@ -35,6 +35,8 @@ _lib.define("quik_mm(Tensor x, Tensor qweight, Tensor scales, Tensor rowsum, Ten
             "Tensor fp_weight, int act_bits) -> Tensor")
 # int32 [G, M, N]: a [M, K] @ b[N, K]ᵀ summed within each of G equal groups of K (exact integers)
 _lib.define("int8_gemm(Tensor a, Tensor b, int groups) -> Tensor")
+# float32 [M, n]: Σ_g s[n, g] Σ_{k in g} c[n, k]·(a[m, k] − zero[m]), the weight blocked (`block_weight`)
+_lib.define("quik_gemm(Tensor a, Tensor zero, Tensor b, Tensor scales, Tensor rowsum, int n) -> Tensor")
 
 
 def quantize_activations(x: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -87,7 +89,10 @@ def _check(x, qweight, scales, rowsum, int_idx, fp_idx, fp_weight, act_bits) -> 
 def quik_mm(x: Tensor, qweight: Tensor, scales: Tensor, rowsum: Tensor, int_idx: Tensor, fp_idx: Tensor,
             fp_weight: Tensor, act_bits: int) -> Tensor:
     """x [..., K] @ W.T for a QUIK weight (see the module docstring); any device with an
-    `int8_gemm` (the reference serves every device)."""
+    `int8_gemm` (the reference serves every device). A blocked weight (`block_weight`, 3-D
+    qweight: what the CPU kernel reads) runs `quik_gemm` instead, the same sums in one pass."""
+    if qweight.dim() == 3:
+        return _quik_mm_blocked(x, qweight, scales, rowsum, int_idx, fp_idx, fp_weight, act_bits)
     _check(x, qweight, scales, rowsum, int_idx, fp_idx, fp_weight, act_bits)
     _load_kernels(x.device)
     n, k_int = qweight.shape
@@ -100,6 +105,85 @@ def quik_mm(x: Tensor, qweight: Tensor, scales: Tensor, rowsum: Tensor, int_idx:
     if fp_idx.numel():
         y = y + x2.index_select(-1, fp_idx).float() @ fp_weight.float().t()
     return y.to(x.dtype).reshape(*lead, n)
+
+
+def _quik_mm_blocked(x, qweight, scales, rowsum, int_idx, fp_idx, fp_weight, act_bits) -> Tensor:
+    n, k_int = fp_weight.shape[0], int_idx.numel()
+    if not x.is_floating_point():
+        raise TypeError(f"qcompile::quik_mm: input must be a floating-point tensor, got {x.dtype}")
+    if x.shape[-1] != k_int + fp_idx.numel():
+        raise ValueError(f"qcompile::quik_mm: input has {x.shape[-1]} features in its last dimension, the "
+                         f"quantized weight expects {k_int + fp_idx.numel()} ({k_int} integer + {fp_idx.numel()} "
+                         "float columns)")
+    if act_bits not in ACT_BITS:
+        raise ValueError(f"qcompile::quik_mm: act_bits={act_bits}: use one of {ACT_BITS}")
+    _load_kernels(x.device)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    q, z, s = quantize_activations(x2.index_select(-1, int_idx), act_bits)
+    y = s * torch.ops.qcompile.quik_gemm(q, z, qweight, scales, rowsum, n)
+    if fp_idx.numel():
+        y = y + x2.index_select(-1, fp_idx).float() @ fp_weight.float().t()
+    return y.to(x.dtype).reshape(*lead, n)
+
+
+# --- the blocked weight the CPU kernel reads (chosen at load time: lowering.pack) -----------------
+BLOCK_N = 16  # output channels side by side: one 512-bit vpdpbusd operand holds 16 channels x 4 inputs
+
+
+def block_weight(qweight: Tensor, scales: Tensor, rowsum: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(b, scales, rowsum) in `quik_gemm`'s layout. 16 output channels go side by side and each
+    channel's inputs in runs of 4:
+
+    - 8-bit codes: b int8 [N/16, Kp/4, 64], byte 4·l + j of block t is channel l's code at k = 4t + j;
+    - 4-bit codes: b uint8 [N/16, Kp/8, 64], byte 4·l + j of block t holds code(8t + j) + 8 in its
+      low nibble and code(8t + 4 + j) + 8 in its high nibble (two codes a byte, unpacked in registers);
+    - scales float32, rowsum int32: [N/16, G, 16].
+
+    N is padded to 16 channels (code 0, scale 0) and, per channel (G = 1), K to whole runs (code 0)."""
+    n, k = qweight.shape
+    g = scales.shape[1]
+    run = 8 if bits <= 4 else 4
+    if g > 1 and (k // g) % run:
+        raise ValueError(f"block_weight: groups of {k // g} inputs do not split into runs of {run}")
+    nb, kp = -(-n // BLOCK_N), -(-k // run) * run
+    codes = torch.zeros(nb * BLOCK_N, kp, dtype=torch.int16, device=qweight.device)
+    codes[:n, :k] = qweight
+    if bits <= 4:
+        u = (codes + 8).to(torch.uint8).reshape(nb, BLOCK_N, kp // 8, 2, 4)   # [nb, l, t, half, j]
+        b = (u[:, :, :, 0] | (u[:, :, :, 1] << 4)).permute(0, 2, 1, 3)        # [nb, t, l, j]
+    else:
+        b = codes.to(torch.int8).reshape(nb, BLOCK_N, kp // 4, 4).permute(0, 2, 1, 3)
+    pad = lambda t, dt: torch.cat([t.to(dt), t.new_zeros(nb * BLOCK_N - n, g, dtype=dt)])  # noqa: E731
+    blocks = lambda t: t.reshape(nb, BLOCK_N, g).transpose(1, 2).contiguous()  # noqa: E731
+    return (b.reshape(nb, -1, 4 * BLOCK_N).contiguous(), blocks(pad(scales, torch.float32)),
+            blocks(pad(rowsum, torch.int32)))
+
+
+def unblock_weight(b: Tensor, scales: Tensor, rowsum: Tensor, n: int, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """`block_weight`'s inverse: (qweight int8 [n, k], scales float32 [n, G], rowsum int32 [n, G])."""
+    nb, blocks, _ = b.shape
+    if b.dtype == torch.uint8:
+        u = b.reshape(nb, blocks, BLOCK_N, 4)
+        codes = torch.stack([u & 15, u >> 4], dim=3).to(torch.int16) - 8             # [nb, t, l, half, j]
+        codes = codes.permute(0, 2, 1, 3, 4).reshape(nb * BLOCK_N, blocks * 8)
+    else:
+        codes = b.reshape(nb, blocks, BLOCK_N, 4).permute(0, 2, 1, 3).reshape(nb * BLOCK_N, blocks * 4)
+    flat = lambda t: t.transpose(1, 2).reshape(nb * BLOCK_N, -1)[:n]  # noqa: E731
+    return codes[:n, :k].to(torch.int8).contiguous(), flat(scales), flat(rowsum)
+
+
+def quik_gemm_reference(a: Tensor, zero: Tensor, b: Tensor, scales: Tensor, rowsum: Tensor, n: int) -> Tensor:
+    """`quik_gemm` in float64 from the unblocked codes (any device)."""
+    qweight, s, _ = unblock_weight(b, scales, rowsum, n, a.shape[1])
+    g = qweight.shape[1] // s.shape[1]
+    w = s.double().repeat_interleave(g, dim=1) * qweight.double()
+    return ((a.double() - zero.double().reshape(-1, 1)) @ w.t()).float()
+
+
+@torch.library.register_fake("qcompile::quik_gemm")
+def _(a, zero, b, scales, rowsum, n):
+    return a.new_empty(a.shape[0], n, dtype=torch.float32)
 
 
 def int8_gemm_reference(a: Tensor, b: Tensor, groups: int) -> Tensor:
@@ -121,7 +205,9 @@ def _(a, b, groups):
 def quik_mm_reference(x: Tensor, qweight: Tensor, scales: Tensor, rowsum: Tensor, int_idx: Tensor,
                       fp_idx: Tensor, fp_weight: Tensor, act_bits: int) -> Tensor:
     """The same product in float64 from the dequantized operands (tests): x's int columns rounded
-    to their grid, times s_w·c, plus the float columns."""
+    to their grid, times s_w·c, plus the float columns. Takes the canonical or the blocked weight."""
+    if qweight.dim() == 3:
+        qweight, scales, rowsum = unblock_weight(qweight, scales, rowsum, fp_weight.shape[0], int_idx.numel())
     _check(x, qweight, scales, rowsum, int_idx, fp_idx, fp_weight, act_bits)
     x2 = x.reshape(-1, x.shape[-1])
     xq = fake_quantize_activations(x2.index_select(-1, int_idx).float(), act_bits).double()
@@ -133,5 +219,6 @@ def quik_mm_reference(x: Tensor, qweight: Tensor, scales: Tensor, rowsum: Tensor
 
 _lib.impl("quik_mm", quik_mm, "CompositeImplicitAutograd")
 _lib.impl("int8_gemm", int8_gemm_reference, "CompositeExplicitAutograd")
+_lib.impl("quik_gemm", quik_gemm_reference, "CompositeExplicitAutograd")
 
 QUIK_MM = torch.ops.qcompile.quik_mm.default
