@@ -19,7 +19,7 @@ Speed: one linear of each SmolLM2 shape, median of repeats, 2 threads: float32 `
 qcompile's weight-only int4 (RTN g64, the default recipe's layers: the CPU int4 kernel, W4A8 at
 M <= 8); QUIK (`QUIKConfig()`'s layer settings; W8A8 for down_proj's shape) eager and under
 ``torch.compile`` (Inductor fuses the activation quantization and the epilogue around the integer
-GEMM, qcompile::quik_gemm); the other weight grouping; the oneDNN int8 GEMM path.
+GEMM, qcompile::quik_linear); the other weight grouping; the oneDNN int8 GEMM path.
 Writes benchmarks/results/quik_smollm2[_tune].{md,json} or quik_cpu_speed.{md,json}.
 """
 from __future__ import annotations
@@ -214,7 +214,8 @@ def speed(repeats: int) -> None:
         q, packed, compiled = variants[DEFAULT.group_size]
         other_group, (_, _, other) = next((g, v) for g, v in variants.items() if g != DEFAULT.group_size)
         # the same layer through oneDNN's s8s8s32 GEMM (the canonical, unblocked codes: qcompile::int8_gemm)
-        canonical = dict(packed.tensors, qweight=q.qweight, scales=q.scales, rowsum=q.rowsum())
+        canonical = dict(packed.tensors, qweight=q.qweight, scales=q.scales, rowsum=q.rowsum(),
+                         fp_weight=q.fp_weight.float())
         onednn = torch.compile(lambda x: torch.ops.qcompile.quik_mm(x, *canonical.values(), act_bits),
                                backend="inductor", dynamic=False)
         for m in (1, 16, 128, 512):
@@ -237,8 +238,8 @@ def speed(repeats: int) -> None:
              f"torch {torch.__version__}; median of {repeats} calls, microseconds; load avg {os.getloadavg()[0]:.1f} at the "
              "end. int4: qcompile's weight-only int4 (RTN g64; W4A8 kernel at M <= 8). QUIK: `QUIKConfig()`'s "
              f"layer settings (weight groups: {DEFAULT.group_size or 'per channel'}), symmetric weights, per-token "
-             "asymmetric activations, integer part by qcompile::quik_gemm (blocked weights, VNNI, int32 sums "
-             "scaled per group); compiled: the op under torch.compile (Inductor fuses quantization and epilogue). "
+             "asymmetric activations, qcompile::quik_linear (activation quantization, then blocked weights, VNNI, "
+             "int32 sums scaled per group and the float columns, in one C++ op); compiled: under torch.compile. "
              "Last columns: the same layer with the other weight grouping, and through oneDNN's int8 GEMM (one "
              "per weight group), both compiled.", "",
              "| layer | N x K | M | QUIK | float32 | int4 | QUIK eager | QUIK compiled | compiled vs float32 | vs int4 "
@@ -251,10 +252,53 @@ def speed(repeats: int) -> None:
                      f"{r['int4_us']:.0f} | {r['quik_eager_us']:.0f} | {r['quik_compiled_us']:.0f} | "
                      f"{r['float32_us'] / r['quik_compiled_us']:.2f}x | {r['int4_us'] / r['quik_compiled_us']:.2f}x | "
                      f"{other} | {r['onednn_compiled_us']:.0f} |")
+    lines += model_speed(max(3, repeats // 10))
     text = "\n".join(lines) + "\n"
     (OUT / "quik_cpu_speed.md").write_text(text)
     (OUT / "quik_cpu_speed.json").write_text(json.dumps({"results": results}, indent=1) + "\n")
     print(text)
+
+
+@torch.no_grad()
+def model_speed(repeats: int) -> list[str]:
+    """SmolLM2-135M end to end: prefill of 512 tokens and bare greedy decode (static cache, one
+    compiled step), float32 under Inductor, the default recipe (int4) and QUIKConfig() under
+    backend=qcompile. QUIK's weights here come from a small calibration (8 windows): speed does not
+    depend on their values."""
+    from bench_decode import bare_decode, static_decode
+
+    _, tok = load_model()
+    ids = devset.windows(tok, "tune").ids[:1, :512]
+    variants = {"float32 (Inductor)": (None, "inductor"), "default recipe (int4)": (None, qcompile),
+                "QUIKConfig()": (QUIKConfig(nsamples=8), qcompile)}
+    rows = []
+    for name, (cfg, backend) in variants.items():
+        model, _ = load_model()
+        if cfg is not None:
+            qcompile.quantize(model, cfg, progress=False)
+        prefill = torch.compile(model, backend=backend)
+        times = []
+        for i in range(repeats + 2):
+            t = time.perf_counter()
+            prefill(ids, use_cache=False, logits_to_keep=1)
+            times.append(time.perf_counter() - t)
+        t_prefill = statistics.median(times[2:])
+        torch._dynamo.reset()
+        model = static_decode(model, {"backend": backend})
+        tps, _ = bare_decode(model, ids[:, :32], 64, torch.device("cpu"), 3)
+        rows.append((name, t_prefill, tps))
+        print(name, f"prefill {t_prefill * 1e3:.0f} ms, decode {tps:.1f} tok/s", flush=True)
+        torch._dynamo.reset()
+        del model, prefill
+    base = rows[0]
+    lines = ["", "## SmolLM2-135M end to end", "",
+             f"Prefill: one forward over 512 tokens (median of {repeats}); decode: bare greedy loop after a 32-token "
+             "prompt, 64 tokens, static cache, one compiled step (median of 3). Compiled with Inductor (float32) or "
+             "backend=qcompile.", "", "| model | prefill 512 (ms) | vs float32 | decode (tokens/s) | vs float32 |",
+             "|---|---|---|---|---|"]
+    for name, tp, tps in rows:
+        lines.append(f"| {name} | {tp * 1e3:.0f} | {base[1] / tp:.2f}x | {tps:.1f} | {tps / base[2]:.2f}x |")
+    return lines
 
 
 @torch.no_grad()

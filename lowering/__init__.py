@@ -74,7 +74,7 @@ def unsupported_reason(fmt: str, out_features: int, in_features: int, group_size
     if fmt == "lut":
         return None if in_features % 2 == 0 else f"lut codes pack two per byte: in_features {in_features} must be even"
     if fmt == "quik":
-        return None  # CPU: qcompile::quik_gemm (or oneDNN's int8 GEMM); elsewhere int8_gemm (Triton / reference)
+        return None  # CPU: qcompile::quik_linear (or oneDNN's int8 GEMM); elsewhere int8_gemm (Triton / reference)
     return f"no kernel for format {fmt!r}"
 
 
@@ -105,14 +105,15 @@ def pack(weight: Int4Weight | Int8Weight | LutWeight | QuikWeight, device: torch
                                                  weight.fp_weight)), weight.bits, weight.act_bits)
         # float columns in the compute dtype of the device (fp16 matmuls are slow on CPU)
         fp = w.fp_weight.float() if device.type == "cpu" else w.fp_weight
-        qweight, scales, rowsum = w.qweight, w.scales, w.rowsum()
+        qweight, scales, rowsum, consts = w.qweight, w.scales, w.rowsum(), (w.act_bits,)
         run = 8 if w.bits <= 4 else 4
         if device.type == "cpu" and (w.group_size is None or w.group_size % run == 0) and cpu_kernels.load():
-            # the layout qcompile::quik_gemm's CPU kernel reads (4-bit codes two a byte)
-            qweight, scales, rowsum = block_weight(qweight, scales, rowsum, w.bits)
+            # the layout qcompile::quik_linear's CPU kernel reads (4-bit codes two a byte)
+            qweight, scales, rowsum, fp = block_weight(qweight, scales, rowsum, fp, w.bits)
+            consts = (w.act_bits, w.out_features)
         tensors = {"qweight": qweight, "scales": scales, "rowsum": rowsum, "int_idx": w.int_idx,
                    "fp_idx": w.fp_idx, "fp_weight": fp}
-        return PackedLinear("quik", tensors, (w.act_bits,), w.in_features, w.out_features,
+        return PackedLinear("quik", tensors, consts, w.in_features, w.out_features,
                             w.meta() | {"dtype_fp": str(w.fp_weight.dtype), "dtype_scales": str(w.scales.dtype)})
     raise TypeError(f"no kernel layout for {type(weight).__name__}")
 
@@ -129,10 +130,10 @@ def unpack(packed: PackedLinear) -> Int4Weight | Int8Weight | LutWeight | QuikWe
         return LutWeight(t["codes"], t["tables"], packed.meta["bits"])
     if packed.layout == "quik":
         dtype = lambda key: getattr(torch, packed.meta[key].removeprefix("torch."))  # noqa: E731
-        qweight, scales = t["qweight"], t["scales"]
+        qweight, scales, fp = t["qweight"], t["scales"], t["fp_weight"]
         if qweight.dim() == 3:  # blocked for the CPU kernel
-            qweight, scales, _ = unblock_weight(qweight, scales, t["rowsum"], packed.out_features,
-                                                t["int_idx"].numel())
+            qweight, scales, _, fp = unblock_weight(qweight, scales, t["rowsum"], fp, packed.out_features,
+                                                    t["int_idx"].numel())
         return QuikWeight(qweight, scales.to(dtype("dtype_scales")), t["int_idx"], t["fp_idx"],
-                          t["fp_weight"].to(dtype("dtype_fp")), packed.meta["bits"], packed.consts[0])
+                          fp.to(dtype("dtype_fp")), packed.meta["bits"], packed.consts[0])
     raise ValueError(f"unknown layout {packed.layout!r}")

@@ -789,96 +789,132 @@ at::Tensor int8_gemm_cpu(const at::Tensor& a, const at::Tensor& b, int64_t group
   return out;
 }
 
-// --- QUIK's integer GEMM on a blocked weight (qcompile::quik_gemm, qcompile/ops/quik.py) ---------------
-// out[m, n] = sum_g s[n, g] * sum_{k in g} c[n, k] * (a[m, k] - zero[m])
-// a: int8 [M, K] activation codes (per-token grid shifted by 2^(bits-1)); zero: float [M, 1] (integral).
-// The weight is blocked at load time for this loop (ops/quik.py, block_weight): 16 output channels side by side,
-//   8-bit: b int8  [N/16, Kp/4, 16, 4]  (lane n holds k..k+3: one vpdpbusd operand per 64 bytes)
-//   4-bit: b uint8 [N/16, Kp/8, 16, 4]  (byte j: code(k+j) + 8 in the low nibble, code(k+4+j) + 8 in the high)
-// s / rowsum: [N/16, G, 16] float / int32 (rowsum: the group's sum of codes). A group's int32 sums are exact; they
-// are scaled once per group, as llama.cpp's blocks are. vpdpbusd multiplies unsigned by signed bytes, so the
-// activations go in as a + 128 and the correction is (128 + zero) * rowsum, taken off in int32.
+// --- QUIK's linear layer (qcompile::quik_linear, qcompile/ops/quik.py) -------------------------------------------
+// y[m, n] = sx[m] * sum_g s[n, g] * sum_{k in g} c[n, k] * (q[m, k] - zero[m])  +  sum_j xf[m, j] * wf[n, j]
+// q: x's integer columns (int_idx) quantized per token (codes 0..2^bits-1, scale sx, zero-point zero), xf: its
+// float columns (fp_idx). Quantization happens here, per row, as llama.cpp quantizes activations inside its
+// matmul: in Inductor the gather + min/max + rounding kernel took longer than the integer GEMM at M = 512.
+// The weight is blocked at load time for this loop (ops/quik.py, block_weight):
+// 16 output channels side by side,
+//   8-bit codes: b int8  [N/16, Kp/4, 64]  (lane n holds k..k+3: one vpdpbusd operand per 64 bytes)
+//   4-bit codes: b uint8 [N/16, Kp/8, 64]  (byte 4n+j: code(k+j) + 8 in the low nibble, code(k+4+j) + 8 in the high)
+//   s / rowsum [N/16, G, 16] float / int32 (rowsum: the group's sum of codes); wf float [N/16, F, 16].
+// A group's int32 sums are exact and scaled once per group, as llama.cpp's blocks are. vpdpbusd multiplies
+// unsigned by signed bytes: the activation codes are the unsigned operand, and zero * rowsum comes off in int32.
+// The float columns are FMAs into the same accumulators, so y is written once (no [M, N] partial results).
+struct QuikArgs {
+  const uint8_t* b;
+  int64_t bstride;  // bytes per block of 16 channels
+  const float* s;
+  const int32_t* rs;
+  const float* wf;
+  int64_t G, gk, F;
+  int64_t n;  // output channels (the row stride of y)
+};
+
 #if defined(QCOMPILE_VNNI) && defined(__AVX512F__) && defined(__AVX512BW__)
+// acc += u (unsigned bytes) . s (signed bytes), 4 products per int32 lane. Written as asm: GCC 12 copies every
+// accumulator of the intrinsic's loop twice per step and re-loads the weights from memory for each row.
+inline __m512i dpbusd(__m512i acc, __m512i u, __m512i s) {
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "v"(s));
+  return acc;
+}
+
+// MR rows of activation codes (au, Kp apart) x NV blocks of 16 channels from block nb.
+// acc += x * w in registers (as asm for the same reason: GCC re-loads w from memory for every row)
+inline __m512 fmadd(__m512 x, __m512 w, __m512 acc) {
+  asm("vfmadd231ps %2, %1, %0" : "+v"(acc) : "v"(x), "v"(w));
+  return acc;
+}
+
 template <int MR, int NV, bool FOUR>
-void quik_tile(const uint8_t* au, int64_t Kp, const uint8_t* b, int64_t bstride, const float* s, const int32_t* rs,
-               int64_t G, int64_t gk, const int32_t* zc, float* out, int64_t ldo, int64_t nvalid) {
+void quik_tile(const QuikArgs& w, int64_t nb, const uint8_t* au, int64_t Kp, const int32_t* zc, const float* sx,
+               const float* xf, float* y) {
+  const uint8_t* b = w.b + nb * w.bstride;
   __m512 facc[MR][NV];
   for (int r = 0; r < MR; ++r)
     for (int v = 0; v < NV; ++v) facc[r][v] = _mm512_setzero_ps();
   const __m512i low = _mm512_set1_epi8(15), eight = _mm512_set1_epi8(8);
-  for (int64_t g = 0; g < G; ++g) {
+  for (int64_t g = 0; g < w.G; ++g) {
     __m512i acc[MR][NV];
     for (int r = 0; r < MR; ++r)
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_si512();
-    const int64_t k0 = g * gk, k1 = k0 + gk;
+    const int64_t k0 = g * w.gk, k1 = k0 + w.gk;
     if constexpr (FOUR) {
       for (int64_t k = k0; k < k1; k += 8) {
         __m512i wl[NV], wh[NV];
         for (int v = 0; v < NV; ++v) {
-          const __m512i w = _mm512_loadu_si512(b + v * bstride + k * 8);  // (k / 8) * 64 bytes
-          wl[v] = _mm512_sub_epi8(_mm512_and_si512(w, low), eight);
-          wh[v] = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(w, 4), low), eight);
+          const __m512i q = _mm512_loadu_si512(b + v * w.bstride + k * 8);  // (k / 8) * 64 bytes
+          wl[v] = _mm512_sub_epi8(_mm512_and_si512(q, low), eight);
+          wh[v] = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(q, 4), low), eight);
         }
         for (int r = 0; r < MR; ++r) {
-          int32_t lo4, hi4;
-          std::memcpy(&lo4, au + r * Kp + k, 4);
-          std::memcpy(&hi4, au + r * Kp + k + 4, 4);
-          const __m512i xl = _mm512_set1_epi32(lo4), xh = _mm512_set1_epi32(hi4);
-          for (int v = 0; v < NV; ++v)
-            acc[r][v] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc[r][v], xl, wl[v]), xh, wh[v]);
+          const __m512i xl = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(au + r * Kp + k));
+          const __m512i xh = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(au + r * Kp + k + 4));
+          for (int v = 0; v < NV; ++v) acc[r][v] = dpbusd(dpbusd(acc[r][v], xl, wl[v]), xh, wh[v]);
         }
       }
     } else {
       for (int64_t k = k0; k < k1; k += 4) {
-        __m512i w[NV];
-        for (int v = 0; v < NV; ++v) w[v] = _mm512_loadu_si512(b + v * bstride + k * 16);  // (k / 4) * 64 bytes
+        __m512i q[NV];
+        for (int v = 0; v < NV; ++v) q[v] = _mm512_loadu_si512(b + v * w.bstride + k * 16);  // (k / 4) * 64 bytes
         for (int r = 0; r < MR; ++r) {
-          int32_t x4;
-          std::memcpy(&x4, au + r * Kp + k, 4);
-          const __m512i x = _mm512_set1_epi32(x4);
-          for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], x, w[v]);
+          const __m512i x = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(au + r * Kp + k));
+          for (int v = 0; v < NV; ++v) acc[r][v] = dpbusd(acc[r][v], x, q[v]);
         }
       }
     }
     for (int v = 0; v < NV; ++v) {
-      const __m512 sv = _mm512_loadu_ps(s + v * G * 16 + g * 16);
-      const __m512i rv = _mm512_loadu_si512(rs + v * G * 16 + g * 16);
+      const __m512 sv = _mm512_loadu_ps(w.s + ((nb + v) * w.G + g) * 16);
+      const __m512i rv = _mm512_loadu_si512(w.rs + ((nb + v) * w.G + g) * 16);
       for (int r = 0; r < MR; ++r) {
         const __m512i d = _mm512_sub_epi32(acc[r][v], _mm512_mullo_epi32(_mm512_set1_epi32(zc[r]), rv));
         facc[r][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sv, facc[r][v]);
       }
     }
   }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) facc[r][v] = _mm512_mul_ps(facc[r][v], _mm512_set1_ps(sx[r]));
+  const float* wf = w.wf + nb * w.F * 16;
+  for (int64_t j = 0; j < w.F; ++j) {
+    __m512 wv[NV];
+    for (int v = 0; v < NV; ++v) wv[v] = _mm512_loadu_ps(wf + (v * w.F + j) * 16);
+    for (int r = 0; r < MR; ++r) {
+      const __m512 xv = _mm512_set1_ps(xf[r * w.F + j]);
+      for (int v = 0; v < NV; ++v) facc[r][v] = fmadd(xv, wv[v], facc[r][v]);
+    }
+  }
   for (int v = 0; v < NV; ++v) {
-    const int64_t left = nvalid - 16 * v;
-    const __mmask16 mask = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << std::max<int64_t>(left, 0)) - 1);
-    for (int r = 0; r < MR; ++r) _mm512_mask_storeu_ps(out + r * ldo + 16 * v, mask, facc[r][v]);
+    const int64_t left = w.n - 16 * (nb + v);
+    const __mmask16 mask = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
+    for (int r = 0; r < MR; ++r) _mm512_mask_storeu_ps(y + r * w.n + 16 * (nb + v), mask, facc[r][v]);
   }
 }
 
 template <int NV, bool FOUR>
-void quik_tile_rows(int mr, const uint8_t* au, int64_t Kp, const uint8_t* b, int64_t bstride, const float* s,
-                    const int32_t* rs, int64_t G, int64_t gk, const int32_t* zc, float* out, int64_t ldo, int64_t nvalid) {
+void quik_tile_rows(int mr, const QuikArgs& w, int64_t nb, const uint8_t* au, int64_t Kp, const int32_t* zc,
+                    const float* sx, const float* xf, float* y) {
   switch (mr) {
-    case 4: quik_tile<4, NV, FOUR>(au, Kp, b, bstride, s, rs, G, gk, zc, out, ldo, nvalid); break;
-    case 3: quik_tile<3, NV, FOUR>(au, Kp, b, bstride, s, rs, G, gk, zc, out, ldo, nvalid); break;
-    case 2: quik_tile<2, NV, FOUR>(au, Kp, b, bstride, s, rs, G, gk, zc, out, ldo, nvalid); break;
-    default: quik_tile<1, NV, FOUR>(au, Kp, b, bstride, s, rs, G, gk, zc, out, ldo, nvalid);
+    case 4: quik_tile<4, NV, FOUR>(w, nb, au, Kp, zc, sx, xf, y); break;
+    case 3: quik_tile<3, NV, FOUR>(w, nb, au, Kp, zc, sx, xf, y); break;
+    case 2: quik_tile<2, NV, FOUR>(w, nb, au, Kp, zc, sx, xf, y); break;
+    default: quik_tile<1, NV, FOUR>(w, nb, au, Kp, zc, sx, xf, y);
   }
 }
 #endif
 
-// Without VNNI: the same blocks, one output block of 16 channels and one row at a time, in plain loops that the
-// compiler vectorizes (AVX2 or not); signed activations, so the correction is zero * rowsum.
-void quik_block_portable(const int8_t* a, int64_t K, const uint8_t* b, bool four, const float* s, const int32_t* rs,
-                         int64_t G, int64_t gk, int32_t zero, float* out, int64_t nvalid) {
+// Without VNNI: one block of 16 channels and one row at a time, in plain loops that the compiler vectorizes
+// (AVX2 or not).
+void quik_block_portable(const QuikArgs& w, int64_t nb, const uint8_t* a, int64_t K, bool four, int32_t zero,
+                         float sx, const float* xf, float* y) {
+  const uint8_t* b = w.b + nb * w.bstride;
   float total[16] = {};
-  for (int64_t g = 0; g < G; ++g) {
+  for (int64_t g = 0; g < w.G; ++g) {
     int32_t acc[16] = {};
-    for (int64_t k = g * gk; k < std::min(K, (g + 1) * gk); ++k) {
+    for (int64_t k = g * w.gk; k < std::min(K, (g + 1) * w.gk); ++k) {
       int8_t c[16];
       if (four) {
-        const uint8_t* blk = b + (k / 8) * 64 + (k % 8) % 4;
+        const uint8_t* blk = b + (k / 8) * 64 + k % 4;
         const int shift = (k % 8) < 4 ? 0 : 4;
         for (int l = 0; l < 16; ++l) c[l] = static_cast<int8_t>(((blk[4 * l] >> shift) & 15) - 8);
       } else {
@@ -887,83 +923,117 @@ void quik_block_portable(const int8_t* a, int64_t K, const uint8_t* b, bool four
       }
       for (int l = 0; l < 16; ++l) acc[l] += static_cast<int32_t>(a[k]) * c[l];
     }
-    for (int l = 0; l < 16; ++l) total[l] += s[g * 16 + l] * static_cast<float>(acc[l] - zero * rs[g * 16 + l]);
+    const float* s = w.s + (nb * w.G + g) * 16;
+    const int32_t* rs = w.rs + (nb * w.G + g) * 16;
+    for (int l = 0; l < 16; ++l) total[l] += s[l] * static_cast<float>(acc[l] - zero * rs[l]);
   }
-  for (int64_t l = 0; l < std::min<int64_t>(nvalid, 16); ++l) out[l] = total[l];
+  for (int l = 0; l < 16; ++l) total[l] *= sx;
+  const float* wf = w.wf + nb * w.F * 16;
+  for (int64_t j = 0; j < w.F; ++j)
+    for (int l = 0; l < 16; ++l) total[l] += xf[j] * wf[j * 16 + l];
+  for (int64_t l = 0; l < std::min<int64_t>(w.n - 16 * nb, 16); ++l) y[16 * nb + l] = total[l];
 }
 
-at::Tensor quik_gemm_cpu(const at::Tensor& a, const at::Tensor& zero, const at::Tensor& b, const at::Tensor& scales,
-                         const at::Tensor& rowsum, int64_t n) {
-  TORCH_CHECK_TYPE(a.scalar_type() == at::kChar && a.dim() == 2, "qcompile::quik_gemm: a must be int8 [M, K], got ",
-                   a.scalar_type(), " ", a.sizes());
+// Per-token asymmetric quantization of the integer columns, the one definition (qcompile/ops/quik.py,
+// quantize_activations) in the same float32 operations: range [min(x, 0), max(x, 0)], s = (hi - lo) / maxq (1 if 0),
+// z = round(-lo / s), q = clamp(round(x / s) + z, 0, maxq); round half to even, IEEE division. Writes q to
+// codes[0, K) (the tail to Kp stays as it is), and the gathered float columns to xf.
+void quantize_token(const float* x, const int32_t* int_idx, int64_t K, const int32_t* fp_idx, int64_t F, int maxq,
+                    float* buf, uint8_t* codes, float* xf, float& sx, int32_t& zero) {
+  float lo = 0.f, hi = 0.f;
+  for (int64_t k = 0; k < K; ++k) {
+    buf[k] = x[int_idx[k]];
+    lo = std::min(lo, buf[k]);
+    hi = std::max(hi, buf[k]);
+  }
+  float s = (hi - lo) / static_cast<float>(maxq);
+  s = s > 0.f ? s : 1.f;
+  const float z = std::nearbyint(-lo / s);
+  for (int64_t k = 0; k < K; ++k)
+    codes[k] = static_cast<uint8_t>(std::clamp(std::nearbyint(buf[k] / s) + z, 0.f, static_cast<float>(maxq)));
+  for (int64_t j = 0; j < F; ++j) xf[j] = x[fp_idx[j]];
+  sx = s;
+  zero = static_cast<int32_t>(z);
+}
+
+at::Tensor quik_linear_cpu(const at::Tensor& x, const at::Tensor& int_idx, const at::Tensor& fp_idx,
+                           const at::Tensor& b, const at::Tensor& scales, const at::Tensor& rowsum,
+                           const at::Tensor& wf, int64_t act_bits, int64_t n) {
+  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), "qcompile::quik_linear: input must be floating-point, got ",
+                   x.scalar_type());
   TORCH_CHECK_TYPE((b.scalar_type() == at::kChar || b.scalar_type() == at::kByte) && b.dim() == 3 && b.size(2) == 64,
-                   "qcompile::quik_gemm: b must be a blocked int8/uint8 [N/16, K/4 or K/8, 64] weight, got ",
+                   "qcompile::quik_linear: b must be a blocked int8/uint8 [N/16, K/4 or K/8, 64] weight, got ",
                    b.scalar_type(), " ", b.sizes());
-  TORCH_CHECK_TYPE(scales.scalar_type() == at::kFloat && rowsum.scalar_type() == at::kInt && zero.scalar_type() == at::kFloat,
-                   "qcompile::quik_gemm: scales float32, rowsum int32 and zero float32 expected");
+  TORCH_CHECK_TYPE(scales.scalar_type() == at::kFloat && wf.scalar_type() == at::kFloat &&
+                       rowsum.scalar_type() == at::kInt && int_idx.scalar_type() == at::kInt &&
+                       fp_idx.scalar_type() == at::kInt,
+                   "qcompile::quik_linear: scales and wf float32, rowsum, int_idx and fp_idx int32 expected");
+  TORCH_CHECK_VALUE(act_bits == 4 || act_bits == 8, "qcompile::quik_linear: act_bits ", act_bits, ": use 4 or 8");
   const bool four = b.scalar_type() == at::kByte;
-  const int64_t M = a.size(0), K = a.size(1), Nb = b.size(0), Kp = b.size(1) * (four ? 8 : 4), G = scales.size(1);
+  const int64_t K = int_idx.numel(), F = fp_idx.numel(), Nb = b.size(0), Kp = b.size(1) * (four ? 8 : 4);
+  const int64_t G = scales.size(1), Kx = x.size(-1), M = x.numel() / std::max<int64_t>(Kx, 1);
+  TORCH_CHECK_VALUE(Kx == K + F, "qcompile::quik_linear: input has ", Kx, " features, the weight expects ", K + F,
+                    " (", K, " integer + ", F, " float columns)");
   TORCH_CHECK_VALUE(Nb == (n + 15) / 16 && K <= Kp && Kp - K < (four ? 8 : 4) && scales.dim() == 3 &&
                         scales.size(0) == Nb && scales.size(2) == 16 && rowsum.sizes() == scales.sizes() &&
-                        zero.numel() == M && (G == 1 || (Kp == K && K % G == 0 && (K / G) % (four ? 8 : 4) == 0)),
-                    "qcompile::quik_gemm: a ", a.sizes(), ", b ", b.sizes(), ", scales ", scales.sizes(), ", rowsum ",
-                    rowsum.sizes(), ", zero ", zero.sizes(), " do not describe one blocked ", n, "-row weight");
-  const int64_t gk = G == 1 ? Kp : K / G, bstride = b.size(1) * 64;
-  const auto bc = b.contiguous(), sc = scales.contiguous(), rc = rowsum.contiguous(), ac = a.contiguous();
-  const auto zf = zero.contiguous();
-  auto out = at::empty({M, n}, a.options().dtype(at::kFloat));
-  const auto* bp = static_cast<const uint8_t*>(bc.data_ptr());
-  const float* sp = sc.data_ptr<float>();
-  const int32_t* rp = rc.data_ptr<int32_t>();
-  const float* zp = zf.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  std::vector<int32_t> zi(M);
-  for (int64_t m = 0; m < M; ++m) zi[m] = static_cast<int32_t>(std::lrint(zp[m]));
-#if defined(QCOMPILE_VNNI) && defined(__AVX512F__) && defined(__AVX512BW__)
-  // the unsigned operand: a + 128, zero-padded to Kp (padded weight codes are 0)
-  std::vector<uint8_t> au(M * Kp, 128);
-  const int8_t* ap = ac.data_ptr<int8_t>();
-  at::parallel_for(0, M, 64, [&](int64_t m0, int64_t m1) {
+                        wf.sizes() == at::IntArrayRef({Nb, F, 16}) &&
+                        (G == 1 || (Kp == K && K % G == 0 && (K / G) % (four ? 8 : 4) == 0)),
+                    "qcompile::quik_linear: b ", b.sizes(), ", scales ", scales.sizes(), ", rowsum ", rowsum.sizes(),
+                    ", wf ", wf.sizes(), " with ", K, " integer columns do not describe one blocked ", n, "-row weight");
+  const auto xc = x.to(at::kFloat).contiguous();
+  const auto bc = b.contiguous(), sc = scales.contiguous(), rc = rowsum.contiguous(), wfc = wf.contiguous();
+  const auto ic = int_idx.contiguous(), fc = fp_idx.contiguous();
+  const QuikArgs w{static_cast<const uint8_t*>(bc.data_ptr()), b.size(1) * 64, sc.data_ptr<float>(),
+                   rc.data_ptr<int32_t>(), wfc.data_ptr<float>(), G, G == 1 ? Kp : K / G, F, n};
+  auto shape = x.sizes().vec();
+  shape.back() = n;
+  auto out = at::empty(shape, xc.options());
+  float* y = out.data_ptr<float>();
+  // the activations: unsigned codes (padded to Kp with 0, where the weight codes are 0 too), the float columns
+  std::vector<uint8_t> codes(M * Kp, 0);
+  std::vector<float> xf(M * F), sx(M);
+  std::vector<int32_t> zero(M);
+  const float* xp = xc.data_ptr<float>();
+  const int maxq = (1 << act_bits) - 1;
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    std::vector<float> buf(K);
     for (int64_t m = m0; m < m1; ++m)
-      for (int64_t k = 0; k < K; ++k) au[m * Kp + k] = static_cast<uint8_t>(ap[m * K + k] ^ 0x80);
+      quantize_token(xp + m * Kx, ic.data_ptr<int32_t>(), K, fc.data_ptr<int32_t>(), F, maxq, buf.data(),
+                     &codes[m * Kp], &xf[m * F], sx[m], zero[m]);
   });
-  for (auto& z : zi) z += 128;
-  // tasks: pairs of 16-channel blocks x all rows (a block's weight stays in L2 while the rows stream by)
+#if defined(QCOMPILE_VNNI) && defined(__AVX512F__) && defined(__AVX512BW__)
+  // tasks: pairs of 16-channel blocks x all rows (the pair's weights stay in cache while the rows stream by)
   at::parallel_for(0, (Nb + 1) / 2, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t nb = 2 * t, nv = std::min<int64_t>(2, Nb - nb), nvalid = n - 16 * nb;
-      const uint8_t* bt = bp + nb * bstride;
-      const float* st = sp + nb * G * 16;
-      const int32_t* rt = rp + nb * G * 16;
+      const int64_t nb = 2 * t;
       for (int64_t m = 0; m < M; m += 4) {
         const int mr = static_cast<int>(std::min<int64_t>(4, M - m));
-        float* o = op + m * n + 16 * nb;
-        if (nv == 2)
-          four ? quik_tile_rows<2, true>(mr, &au[m * Kp], Kp, bt, bstride, st, rt, G, gk, &zi[m], o, n, nvalid)
-               : quik_tile_rows<2, false>(mr, &au[m * Kp], Kp, bt, bstride, st, rt, G, gk, &zi[m], o, n, nvalid);
+        const uint8_t* am = &codes[m * Kp];
+        float* ym = y + m * n;
+        if (nb + 1 < Nb)
+          four ? quik_tile_rows<2, true>(mr, w, nb, am, Kp, &zero[m], &sx[m], &xf[m * F], ym)
+               : quik_tile_rows<2, false>(mr, w, nb, am, Kp, &zero[m], &sx[m], &xf[m * F], ym);
         else
-          four ? quik_tile_rows<1, true>(mr, &au[m * Kp], Kp, bt, bstride, st, rt, G, gk, &zi[m], o, n, nvalid)
-               : quik_tile_rows<1, false>(mr, &au[m * Kp], Kp, bt, bstride, st, rt, G, gk, &zi[m], o, n, nvalid);
+          four ? quik_tile_rows<1, true>(mr, w, nb, am, Kp, &zero[m], &sx[m], &xf[m * F], ym)
+               : quik_tile_rows<1, false>(mr, w, nb, am, Kp, &zero[m], &sx[m], &xf[m * F], ym);
       }
     }
   });
 #else
-  const int8_t* ap = ac.data_ptr<int8_t>();
   at::parallel_for(0, Nb, 1, [&](int64_t n0, int64_t n1) {
     for (int64_t nb = n0; nb < n1; ++nb)
       for (int64_t m = 0; m < M; ++m)
-        quik_block_portable(ap + m * K, K, bp + nb * bstride, four, sp + nb * G * 16, rp + nb * G * 16, G, gk, zi[m],
-                            op + m * n + 16 * nb, n - 16 * nb);
+        quik_block_portable(w, nb, &codes[m * Kp], K, four, zero[m], sx[m], &xf[m * F], y + m * n);
   });
 #endif
-  return out;
+  return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(QCOMPILE_OPS, CPU, m) {
   m.impl("int8_gemm", &int8_gemm_cpu);
-  m.impl("quik_gemm", &quik_gemm_cpu);
+  m.impl("quik_linear", &quik_linear_cpu);
   m.impl("int4_mm_kernel", &int4_mm_cpu);
   m.impl("int8_mm_kernel", &int8_mm_cpu);
   m.impl("lut_mm_kernel", &lut_mm_cpu);

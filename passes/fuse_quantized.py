@@ -20,6 +20,7 @@ import torch
 import torch.fx as fx
 
 from qcompile.ops import ROW_BLOCK_OPS
+from qcompile.ops.quik import QUIK_MM
 from qcompile.ops.linear import rows_end_to_end, rows_view
 
 from .analysis import module_path
@@ -69,6 +70,55 @@ def _fuse(graph: fx.Graph, ctx: PassContext, members: list[tuple[fx.Node, list[f
         graph.erase_node(node)
 
 
+# QUIK (qcompile::quik_mm on a blocked weight): the siblings share x's outlier split (the index tensors,
+# one object: `modules._share_indices`), their row tensors lie end to end (`modules._colocate_quik`), and the
+# last argument, out_features, adds up. One op then quantizes x once for q/k/v or gate/up.
+QUIK_ROWS = (1, 2, 3, 6)  # qweight, scales, rowsum, fp_weight
+QUIK_SHARED = (4, 5)      # int_idx, fp_idx
+
+
+def _quik_groups(graph: fx.Graph, ctx: PassContext) -> list[list[fx.Node]]:
+    groups: dict = defaultdict(list)
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target is not QUIK_MM or len(node.args) != 9:
+            continue
+        values = [ctx.values.get(a) if isinstance(a, fx.Node) and a.op == "placeholder" else None
+                  for a in node.args[1:7]]
+        if any(v is None for v in values) or values[0].dim() != 3:
+            continue
+        shared = tuple((ctx.values[node.args[i]].data_ptr(), ctx.values[node.args[i]].numel()) for i in QUIK_SHARED)
+        groups[(node.args[0], node.args[7], shared)].append(node)
+    return [m for m in groups.values() if len(m) > 1]
+
+
+def _fuse_quik(graph: fx.Graph, ctx: PassContext, members: list[fx.Node], earliest: fx.Node) -> bool:
+    members.sort(key=lambda n: ctx.values[n.args[1]].storage_offset())
+    if any(n.args[8] % 16 for n in members[:-1]) or not all(
+            rows_end_to_end([ctx.values[n.args[i]] for n in members]) for i in QUIK_ROWS):
+        return False
+    rows = [[n.args[i] for i in QUIK_ROWS] for n in members]
+    ctx.remakes.append(([a for r in rows for a in r], lambda v: _combined([[v[a] for a in r] for r in rows])))
+    fused = dict(zip(QUIK_ROWS, (ctx.add_input(graph, f"{a.name}_fused", t)
+                                 for a, t in zip(rows[0], _combined([[ctx.values[a] for a in r] for r in rows])))))
+    first = members[0]
+    args = [fused.get(i, a) for i, a in enumerate(first.args[:8])] + [sum(n.args[8] for n in members)]
+    paths = [module_path(n, prefix=ctx.path_prefix) for n in members]
+    note = "one op for " + "+".join(p.rsplit(".", 1)[-1] for p in paths)
+    for entry in ctx.report.linears:
+        if entry.path in paths:
+            entry.notes.append(note)
+    with graph.inserting_before(earliest):
+        y = graph.call_function(QUIK_MM, tuple(args))
+        offset = 0
+        for node in members:
+            out = graph.call_function(torch.narrow, (y, -1, offset, node.args[8]))
+            offset += node.args[8]
+            node.replace_all_uses_with(out)
+    for node in members:
+        graph.erase_node(node)
+    return True
+
+
 def fuse_quantized(gm: fx.GraphModule, ctx: PassContext) -> str:
     """Fuse the quantized ops of `gm` that read the same input; returns a one-line summary."""
     if not ctx.fuse_projections:
@@ -94,6 +144,10 @@ def fuse_quantized(gm: fx.GraphModule, ctx: PassContext) -> str:
         _fuse(graph, ctx, members, min((n for n, _ in members), key=order.__getitem__))
         fused += len(members)
         ops += 1
+    for members in _quik_groups(graph, ctx):
+        if _fuse_quik(graph, ctx, members, min(members, key=order.__getitem__)):
+            fused += len(members)
+            ops += 1
     graph.lint()
     gm.recompile()
     return f"{fused} quantized ops fused into {ops}" if ops else "no sibling quantized ops"

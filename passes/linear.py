@@ -107,7 +107,7 @@ def _report_prequantized(gm: fx.GraphModule, ctx: PassContext) -> int:
 
 def _activations(node: fx.Node, ctx: PassContext) -> str:
     if node.target is QUIK_MM:
-        return f"int{node.args[-1]}"
+        return f"int{node.args[7]}"  # act_bits (out_features follows on a blocked weight)
     return "int8" if node.target in A8_OPS.values() else "float"
 
 

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from . import lowering
 from .config import is_output_head
 from .ops import PackedLinear
-from .ops.linear import ROW_BLOCK_OPS, layout_op
+from .ops.linear import ROW_BLOCK_OPS, layout_op, rows_end_to_end
 from .report import LinearReport
 
 
@@ -127,7 +127,9 @@ def colocate_siblings(model: nn.Module) -> int:
     """
     moved = 0
     for parent in model.modules():
-        _share_indices([c for c in parent.children() if isinstance(c, QuantLinear) and c.layout == "quik"])
+        quik = [c for c in parent.children() if isinstance(c, QuantLinear) and c.layout == "quik"]
+        _share_indices(quik)
+        moved += _colocate_quik(quik)
         groups: dict = {}
         for child in parent.children():
             # act_order: x is gathered per layer; QUIK: its index tensors are not rows
@@ -144,6 +146,33 @@ def colocate_siblings(model: nn.Module) -> int:
                     setattr(m, name, whole[start:start + rows])  # a registered buffer: stays one
                     start += rows
             moved += len(layers)
+    return moved
+
+
+QUIK_ROW_TENSORS = ("qweight", "scales", "rowsum", "fp_weight")  # blocked: dim 0 is blocks of 16 channels
+
+
+def _colocate_quik(layers: list[QuantLinear]) -> int:
+    """colocate_siblings for QUIK layers blocked for the CPU kernel: siblings that share their index
+    tensors (one input) store their row tensors end to end; whole blocks of 16 channels only."""
+    groups: dict = {}
+    for m in layers:
+        if m.qweight.dim() == 3 and m.out_features % 16 == 0:
+            key = (id(m.int_idx), id(m.fp_idx), m.consts[0],
+                   tuple((getattr(m, n).dtype, getattr(m, n).device, tuple(getattr(m, n).shape[1:]))
+                         for n in QUIK_ROW_TENSORS))
+            groups.setdefault(key, []).append(m)
+    moved = 0
+    for members in groups.values():
+        if len(members) < 2 or all(rows_end_to_end([getattr(m, n) for m in members]) for n in QUIK_ROW_TENSORS):
+            continue
+        for name in QUIK_ROW_TENSORS:
+            whole, start = torch.cat([getattr(m, name) for m in members]), 0
+            for m in members:
+                rows = getattr(m, name).shape[0]
+                setattr(m, name, whole[start:start + rows])
+                start += rows
+        moved += len(members)
     return moved
 
 

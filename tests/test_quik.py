@@ -15,7 +15,7 @@ from qcompile.methods import gptq
 from qcompile.modules import QuantLinear
 from qcompile.ops.kernels import load_kernels
 from qcompile.ops.quik import (block_weight, fake_quantize_activations, int8_gemm_reference, quantize_activations,
-                                quik_gemm_reference, quik_mm_reference, unblock_weight)
+                                quik_linear_reference, quik_mm_reference, unblock_weight)
 from tests.conftest import tiny_llama
 
 
@@ -75,10 +75,10 @@ FLAGS = next((ln.split() for ln in open("/proc/cpuinfo").read().splitlines() if 
 @pytest.mark.parametrize("n, k, groups", [(48, 64, 1), (40, 61, 1), (33, 96, 3), (1536, 576, 18)])
 def test_blocked_weight_round_trips(bits, n, k, groups):
     w = random_quik(n=n, k=k + 5, outliers=5, groups=groups, bits=bits, act_bits=bits)
-    b, s, r = block_weight(w.qweight, w.scales, w.rowsum(), bits)
+    b, s, r, f = block_weight(w.qweight, w.scales, w.rowsum(), w.fp_weight, bits)
     assert b.dtype == (torch.uint8 if bits == 4 else torch.int8) and b.shape[0] == -(-n // 16)
     run = 8 if bits == 4 else 4  # inputs per channel in a block; 4 bits: two codes a byte
-    assert b.shape == (-(-n // 16), -(-k // run), 64)
+    assert b.shape == (-(-n // 16), -(-k // run), 64) and f.shape == (b.shape[0], 5, 16)
     # byte 4·l + j of block t is channel l's code at k = 4t + j (8 bits); nibbles at 8t + j / 8t + 4 + j (4 bits)
     c, t, j = 5, 1, 2
     if bits == 8:
@@ -86,36 +86,47 @@ def test_blocked_weight_round_trips(bits, n, k, groups):
     else:
         byte = int(b[0, t, 4 * c + j])
         assert (byte & 15) - 8 == w.qweight[c, 8 * t + j] and (byte >> 4) - 8 == w.qweight[c, 8 * t + 4 + j]
-    q, s2, r2 = unblock_weight(b, s, r, n, k)
+    q, s2, r2, f2 = unblock_weight(b, s, r, f, n, k)
     assert torch.equal(q, w.qweight) and torch.equal(r2, w.rowsum()) and torch.equal(s2, w.scales.float())
+    assert torch.equal(f2, w.fp_weight.float())
 
 
 @pytest.mark.parametrize("isa", ["native", pytest.param("avx2", marks=pytest.mark.skipif(
     "avx2" not in FLAGS, reason="no AVX2 on this CPU")), "scalar"])
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("n, k, groups", [(48, 64, 1), (40, 61, 1), (33, 96, 3), (1536, 576, 18), (576, 1536, 1)])
+@pytest.mark.parametrize("n, k, groups, f", [(48, 64, 1, 0), (40, 61, 1, 3), (33, 96, 3, 8), (1536, 576, 18, 64),
+                                              (576, 1536, 1, 20)])
 @pytest.mark.parametrize("m", [1, 3, 6, 13])
-def test_quik_gemm_cpu_is_exact_on_integers(isa, bits, n, k, groups, m):
-    """The blocked kernel (each ISA variant): with unit scales every output is an exact integer, equal to
-    int64 math; with real scales it matches float64 to float32 rounding of the per-group sums."""
+def test_quik_linear_cpu_matches_the_activation_grid_exactly(isa, bits, n, k, groups, f, m):
+    """The blocked kernel (each ISA variant) quantizes x itself: its result equals float64 math on
+    `quantize_activations`' codes to float32 rounding of the sums, far below what one code off by
+    one would change (so the C++ grid is the Python one, code for code, ties included)."""
     from qcompile.lowering import cpu_kernels
     assert cpu_kernels.load(isa), f"the {isa} CPU kernels did not build"
     ops = torch.ops.qcompile if isa == "native" else getattr(torch.ops, f"qcompile_{isa}")
-    w = random_quik(n=n, k=k, outliers=0, groups=groups, bits=bits, act_bits=bits, seed=m)
-    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 3
+    w = random_quik(n=n, k=k + f, outliers=f, groups=groups, bits=bits, act_bits=bits, seed=m)
+    x = torch.randn(m, k + f, generator=torch.Generator().manual_seed(m)) * 3
     x[0, : k // 3] = 0  # a stretch of exact zeros
-    q, z, _ = quantize_activations(x, bits)
-    ones = torch.ones_like(w.scales)
-    b, s1, r = block_weight(w.qweight, ones, w.rowsum(), bits)
-    want = (q.long() - z.long()) @ w.qweight.long().t()
-    got = ops.quik_gemm(q, z, b, s1, r, n)
-    assert got.shape == (m, n) and torch.equal(got.double(), want.double())
-    b, s, r = block_weight(w.qweight, w.scales, w.rowsum(), bits)
-    got = ops.quik_gemm(q, z, b, s, r, n)
-    ref = quik_gemm_reference(q, z, b, s, r, n).double()
+    if m > 2:
+        x[1] = x[1].abs() + 0.5  # all positive: the range still holds 0
+        x[2, w.int_idx[:6].long()] = torch.tensor([7.5, 0.5, -0.5, 1.5, 2.5, -7.5])  # ties: s = 1 when the range is
+        x[2, w.int_idx[6:].long()] = x[2, w.int_idx[6:].long()].clamp(-7.5, 7.5)  # [-7.5, 7.5] for 4 bits
+    b, s, r, wf = block_weight(w.qweight, w.scales, w.rowsum(), w.fp_weight, bits)
+    got = ops.quik_linear(x, w.int_idx, w.fp_idx, b, s, r, wf, bits, n)
+    q, z, sx = quantize_activations(x[:, w.int_idx.long()], bits)
     g = k // groups
-    terms = (q.double() - z.double()).abs() @ (w.scales.double().repeat_interleave(g, 1) * w.qweight.double()).abs().t()
-    assert torch.all((got.double() - ref).abs() <= 1e-6 * terms.amax() + 1e-30)
+    wd = w.scales.double().repeat_interleave(g, 1) * w.qweight.double()
+    ref = sx.double() * ((q.double() - z.double()) @ wd.t()) + x[:, w.fp_idx.long()].double() @ w.fp_weight.double().t()
+    torch.testing.assert_close(quik_linear_reference(x, w.int_idx, w.fp_idx, b, s, r, wf, bits, n).double(), ref,
+                               rtol=1e-6, atol=1e-5)
+    terms = sx.double() * ((q.double() - z.double()).abs() @ wd.abs().t()) + \
+        x[:, w.fp_idx.long()].double().abs() @ w.fp_weight.double().abs().t()
+    tol = 1e-6 * terms.amax()
+    # one activation code off by one (every row, its most-used column) moves some output well past tol
+    assert (sx.double()[:, 0] * wd.abs().amax()).min() > 10 * tol
+    assert got.shape == (m, n) and torch.all((got.double() - ref).abs() <= tol)
+    with pytest.raises(ValueError, match="do not describe one blocked"):
+        ops.quik_linear(x, w.int_idx, w.fp_idx, b, s, r, wf, bits, n + 16)
 
 
 @pytest.mark.parametrize("act_bits", [4, 8])
@@ -220,9 +231,14 @@ def test_quantize_tiny_llama_with_quik():
     x = calibration_ids(2, 24, seed=1)
     with torch.no_grad():
         a, b = ref(x).logits, model(x).logits
-        c = torch.compile(model, backend=qcompile, fullgraph=True)(x).logits
+        compiled = torch.compile(model, backend=qcompile, fullgraph=True)
+        c = compiled(x).logits
     assert (a - b).abs().max() < 0.5 * a.abs().max()  # close to float, not equal
     torch.testing.assert_close(c, b, rtol=1e-4, atol=1e-4)
+    # q/k/v and gate/up run as one op each (one quantization of their shared input), views of one buffer
+    report = str(qcompile.explain(compiled, x))
+    assert report.count("[one op for q_proj+k_proj+v_proj]") == 3 * 2 and "fused into 4" in report
+    assert attn.k_proj.qweight.untyped_storage().data_ptr() == attn.q_proj.qweight.untyped_storage().data_ptr()
 
 
 def test_quik_save_load_keeps_outlier_channels(tmp_path):
@@ -257,7 +273,7 @@ def test_quik_config_checks():
 def test_quik_without_outlier_columns_is_plain_w4a4():
     model = qcompile.quantize(tiny_llama(), QUIKConfig(outliers=0), calibration=calibration_ids(), progress=False)
     q = model.model.layers[0].self_attn.q_proj
-    assert q.layout == "quik" and q.fp_idx.numel() == 0 and q.fp_weight.shape == (128, 0)
+    assert q.layout == "quik" and q.fp_idx.numel() == 0 and q.fp_weight.numel() == 0
     x = calibration_ids(1, 16, seed=3)
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(model, backend=qcompile)(x).logits, model(x).logits,

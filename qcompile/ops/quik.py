@@ -32,11 +32,12 @@ ACT_BITS = (4, 8)
 
 _lib = torch.library.Library("qcompile", "FRAGMENT")
 _lib.define("quik_mm(Tensor x, Tensor qweight, Tensor scales, Tensor rowsum, Tensor int_idx, Tensor fp_idx, "
-            "Tensor fp_weight, int act_bits) -> Tensor")
+            "Tensor fp_weight, int act_bits, int out_features=-1) -> Tensor")
 # int32 [G, M, N]: a [M, K] @ b[N, K]ᵀ summed within each of G equal groups of K (exact integers)
 _lib.define("int8_gemm(Tensor a, Tensor b, int groups) -> Tensor")
-# float32 [M, n]: Σ_g s[n, g] Σ_{k in g} c[n, k]·(a[m, k] − zero[m]), the weight blocked (`block_weight`)
-_lib.define("quik_gemm(Tensor a, Tensor zero, Tensor b, Tensor scales, Tensor rowsum, int n) -> Tensor")
+# the whole layer on a blocked weight (`block_weight`): x [..., K] -> [..., n], quantization included
+_lib.define("quik_linear(Tensor x, Tensor int_idx, Tensor fp_idx, Tensor b, Tensor scales, Tensor rowsum, "
+            "Tensor wf, int act_bits, int n) -> Tensor")
 
 
 def quantize_activations(x: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -87,12 +88,13 @@ def _check(x, qweight, scales, rowsum, int_idx, fp_idx, fp_weight, act_bits) -> 
 
 
 def quik_mm(x: Tensor, qweight: Tensor, scales: Tensor, rowsum: Tensor, int_idx: Tensor, fp_idx: Tensor,
-            fp_weight: Tensor, act_bits: int) -> Tensor:
+            fp_weight: Tensor, act_bits: int, out_features: int = -1) -> Tensor:
     """x [..., K] @ W.T for a QUIK weight (see the module docstring); any device with an
     `int8_gemm` (the reference serves every device). A blocked weight (`block_weight`, 3-D
-    qweight: what the CPU kernel reads) runs `quik_gemm` instead, the same sums in one pass."""
+    qweight: what the CPU kernel reads; `out_features` then says N) runs `quik_linear` instead,
+    the whole layer in one pass."""
     if qweight.dim() == 3:
-        return _quik_mm_blocked(x, qweight, scales, rowsum, int_idx, fp_idx, fp_weight, act_bits)
+        return _quik_mm_blocked(x, qweight, scales, rowsum, int_idx, fp_idx, fp_weight, act_bits, out_features)
     _check(x, qweight, scales, rowsum, int_idx, fp_idx, fp_weight, act_bits)
     _load_kernels(x.device)
     n, k_int = qweight.shape
@@ -107,8 +109,11 @@ def quik_mm(x: Tensor, qweight: Tensor, scales: Tensor, rowsum: Tensor, int_idx:
     return y.to(x.dtype).reshape(*lead, n)
 
 
-def _quik_mm_blocked(x, qweight, scales, rowsum, int_idx, fp_idx, fp_weight, act_bits) -> Tensor:
-    n, k_int = fp_weight.shape[0], int_idx.numel()
+def _quik_mm_blocked(x, qweight, scales, rowsum, int_idx, fp_idx, fp_weight, act_bits, n) -> Tensor:
+    k_int = int_idx.numel()
+    if not 0 < n <= qweight.shape[0] * BLOCK_N:
+        raise ValueError(f"qcompile::quik_mm: a blocked weight needs out_features (got {n}) to say how many of "
+                         f"its {qweight.shape[0] * BLOCK_N} rows are real")
     if not x.is_floating_point():
         raise TypeError(f"qcompile::quik_mm: input must be a floating-point tensor, got {x.dtype}")
     if x.shape[-1] != k_int + fp_idx.numel():
@@ -118,27 +123,22 @@ def _quik_mm_blocked(x, qweight, scales, rowsum, int_idx, fp_idx, fp_weight, act
     if act_bits not in ACT_BITS:
         raise ValueError(f"qcompile::quik_mm: act_bits={act_bits}: use one of {ACT_BITS}")
     _load_kernels(x.device)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    q, z, s = quantize_activations(x2.index_select(-1, int_idx), act_bits)
-    y = s * torch.ops.qcompile.quik_gemm(q, z, qweight, scales, rowsum, n)
-    if fp_idx.numel():
-        y = y + x2.index_select(-1, fp_idx).float() @ fp_weight.float().t()
-    return y.to(x.dtype).reshape(*lead, n)
+    return torch.ops.qcompile.quik_linear(x, int_idx, fp_idx, qweight, scales, rowsum, fp_weight, act_bits, n)
 
 
 # --- the blocked weight the CPU kernel reads (chosen at load time: lowering.pack) -----------------
 BLOCK_N = 16  # output channels side by side: one 512-bit vpdpbusd operand holds 16 channels x 4 inputs
 
 
-def block_weight(qweight: Tensor, scales: Tensor, rowsum: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(b, scales, rowsum) in `quik_gemm`'s layout. 16 output channels go side by side and each
-    channel's inputs in runs of 4:
+def block_weight(qweight: Tensor, scales: Tensor, rowsum: Tensor, fp_weight: Tensor, bits: int,
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(b, scales, rowsum, fp_weight) in `quik_linear`'s layout. 16 output channels go side by side
+    and each channel's inputs in runs of 4:
 
     - 8-bit codes: b int8 [N/16, Kp/4, 64], byte 4·l + j of block t is channel l's code at k = 4t + j;
     - 4-bit codes: b uint8 [N/16, Kp/8, 64], byte 4·l + j of block t holds code(8t + j) + 8 in its
       low nibble and code(8t + 4 + j) + 8 in its high nibble (two codes a byte, unpacked in registers);
-    - scales float32, rowsum int32: [N/16, G, 16].
+    - scales float32, rowsum int32: [N/16, G, 16]; fp_weight float32 [N/16, F, 16].
 
     N is padded to 16 channels (code 0, scale 0) and, per channel (G = 1), K to whole runs (code 0)."""
     n, k = qweight.shape
@@ -154,14 +154,16 @@ def block_weight(qweight: Tensor, scales: Tensor, rowsum: Tensor, bits: int) -> 
         b = (u[:, :, :, 0] | (u[:, :, :, 1] << 4)).permute(0, 2, 1, 3)        # [nb, t, l, j]
     else:
         b = codes.to(torch.int8).reshape(nb, BLOCK_N, kp // 4, 4).permute(0, 2, 1, 3)
-    pad = lambda t, dt: torch.cat([t.to(dt), t.new_zeros(nb * BLOCK_N - n, g, dtype=dt)])  # noqa: E731
-    blocks = lambda t: t.reshape(nb, BLOCK_N, g).transpose(1, 2).contiguous()  # noqa: E731
+    pad = lambda t, dt: torch.cat([t.to(dt), t.new_zeros(nb * BLOCK_N - n, t.shape[1], dtype=dt)])  # noqa: E731
+    blocks = lambda t: t.reshape(nb, BLOCK_N, -1).transpose(1, 2).contiguous()  # noqa: E731
     return (b.reshape(nb, -1, 4 * BLOCK_N).contiguous(), blocks(pad(scales, torch.float32)),
-            blocks(pad(rowsum, torch.int32)))
+            blocks(pad(rowsum, torch.int32)), blocks(pad(fp_weight, torch.float32)))
 
 
-def unblock_weight(b: Tensor, scales: Tensor, rowsum: Tensor, n: int, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """`block_weight`'s inverse: (qweight int8 [n, k], scales float32 [n, G], rowsum int32 [n, G])."""
+def unblock_weight(b: Tensor, scales: Tensor, rowsum: Tensor, fp_weight: Tensor, n: int, k: int,
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`block_weight`'s inverse: (qweight int8 [n, k], scales float32 [n, G], rowsum int32 [n, G],
+    fp_weight float32 [n, F])."""
     nb, blocks, _ = b.shape
     if b.dtype == torch.uint8:
         u = b.reshape(nb, blocks, BLOCK_N, 4)
@@ -170,20 +172,24 @@ def unblock_weight(b: Tensor, scales: Tensor, rowsum: Tensor, n: int, k: int) ->
     else:
         codes = b.reshape(nb, blocks, BLOCK_N, 4).permute(0, 2, 1, 3).reshape(nb * BLOCK_N, blocks * 4)
     flat = lambda t: t.transpose(1, 2).reshape(nb * BLOCK_N, -1)[:n]  # noqa: E731
-    return codes[:n, :k].to(torch.int8).contiguous(), flat(scales), flat(rowsum)
+    return codes[:n, :k].to(torch.int8).contiguous(), flat(scales), flat(rowsum), flat(fp_weight)
 
 
-def quik_gemm_reference(a: Tensor, zero: Tensor, b: Tensor, scales: Tensor, rowsum: Tensor, n: int) -> Tensor:
-    """`quik_gemm` in float64 from the unblocked codes (any device)."""
-    qweight, s, _ = unblock_weight(b, scales, rowsum, n, a.shape[1])
+def quik_linear_reference(x: Tensor, int_idx: Tensor, fp_idx: Tensor, b: Tensor, scales: Tensor, rowsum: Tensor,
+                          wf: Tensor, act_bits: int, n: int) -> Tensor:
+    """`quik_linear` from `quantize_activations` and the unblocked weight, summed in float64 (any device)."""
+    qweight, s, _, fp = unblock_weight(b, scales, rowsum, wf, n, int_idx.numel())
+    x2 = x.reshape(-1, x.shape[-1])
+    q, z, sx = quantize_activations(x2.index_select(-1, int_idx), act_bits)
     g = qweight.shape[1] // s.shape[1]
     w = s.double().repeat_interleave(g, dim=1) * qweight.double()
-    return ((a.double() - zero.double().reshape(-1, 1)) @ w.t()).float()
+    y = sx.double() * ((q.double() - z.double()) @ w.t()) + x2.index_select(-1, fp_idx).double() @ fp.double().t()
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
-@torch.library.register_fake("qcompile::quik_gemm")
-def _(a, zero, b, scales, rowsum, n):
-    return a.new_empty(a.shape[0], n, dtype=torch.float32)
+@torch.library.register_fake("qcompile::quik_linear")
+def _(x, int_idx, fp_idx, b, scales, rowsum, wf, act_bits, n):
+    return x.new_empty(*x.shape[:-1], n)
 
 
 def int8_gemm_reference(a: Tensor, b: Tensor, groups: int) -> Tensor:
@@ -203,11 +209,12 @@ def _(a, b, groups):
 
 
 def quik_mm_reference(x: Tensor, qweight: Tensor, scales: Tensor, rowsum: Tensor, int_idx: Tensor,
-                      fp_idx: Tensor, fp_weight: Tensor, act_bits: int) -> Tensor:
+                      fp_idx: Tensor, fp_weight: Tensor, act_bits: int, out_features: int = -1) -> Tensor:
     """The same product in float64 from the dequantized operands (tests): x's int columns rounded
     to their grid, times s_w·c, plus the float columns. Takes the canonical or the blocked weight."""
     if qweight.dim() == 3:
-        qweight, scales, rowsum = unblock_weight(qweight, scales, rowsum, fp_weight.shape[0], int_idx.numel())
+        qweight, scales, rowsum, fp_weight = unblock_weight(qweight, scales, rowsum, fp_weight, out_features,
+                                                            int_idx.numel())
     _check(x, qweight, scales, rowsum, int_idx, fp_idx, fp_weight, act_bits)
     x2 = x.reshape(-1, x.shape[-1])
     xq = fake_quantize_activations(x2.index_select(-1, int_idx).float(), act_bits).double()
@@ -219,6 +226,6 @@ def quik_mm_reference(x: Tensor, qweight: Tensor, scales: Tensor, rowsum: Tensor
 
 _lib.impl("quik_mm", quik_mm, "CompositeImplicitAutograd")
 _lib.impl("int8_gemm", int8_gemm_reference, "CompositeExplicitAutograd")
-_lib.impl("quik_gemm", quik_gemm_reference, "CompositeExplicitAutograd")
+_lib.impl("quik_linear", quik_linear_reference, "CompositeExplicitAutograd")
 
 QUIK_MM = torch.ops.qcompile.quik_mm.default
