@@ -180,7 +180,9 @@ def write(results: list[dict], split: str, path: Path) -> None:
 
 # --- speed ------------------------------------------------------------------------------------
 SHAPES = {"q_proj / o_proj": (576, 576), "k_proj / v_proj": (192, 576), "gate_proj / up_proj": (1536, 576),
-          "down_proj": (576, 1536)}
+          "down_proj": (576, 1536),
+          # what the compiled model runs: siblings fused into one op (passes/fuse_quantized.py), int4's too
+          "q+k+v (one op)": (960, 576), "gate+up (one op)": (3072, 576)}
 
 
 def median_us(fn, repeats: int) -> float:
