@@ -45,29 +45,39 @@ def _combined(values_per_member: list[list[torch.Tensor]]) -> list[torch.Tensor]
     return out
 
 
-def _fuse(graph: fx.Graph, ctx: PassContext, members: list[tuple[fx.Node, list[fx.Node]]],
-          earliest: fx.Node) -> None:
-    first_node, first_args = members[0]
-    values = [[ctx.values[a] for a in args] for _, args in members]
-    sources = [a for _, args in members for a in args]
-    ctx.remakes.append((sources, lambda v: _combined([[v[a] for a in args] for _, args in members])))
-    inputs = iter([ctx.add_input(graph, f"{a.name}_fused", t) for a, t in zip(first_args, _combined(values))])
-    args = [next(inputs) if i > 0 and isinstance(a, fx.Node) else a for i, a in enumerate(first_node.args)]
-    paths = [module_path(node, prefix=ctx.path_prefix) for node, _ in members]
+def _emit(graph: fx.Graph, ctx: PassContext, nodes: list[fx.Node], rows: list[list[fx.Node]], args_from,
+          widths: list[int], earliest: fx.Node) -> None:
+    """Replace `nodes` by one call of their op: `rows[i]` are node i's row tensors (combined into new
+    graph inputs, `args_from(those inputs)` the call's arguments), its output split by `widths`."""
+    ctx.remakes.append(([a for r in rows for a in r], lambda v: _combined([[v[a] for a in r] for r in rows])))
+    inputs = [ctx.add_input(graph, f"{a.name}_fused", t)
+              for a, t in zip(rows[0], _combined([[ctx.values[a] for a in r] for r in rows]))]
+    paths = [module_path(node, prefix=ctx.path_prefix) for node in nodes]
     note = "one op for " + "+".join(p.rsplit(".", 1)[-1] for p in paths)
     for entry in ctx.report.linears:
         if entry.path in paths and entry.reason.startswith("quantized ahead of time"):
             entry.notes.append(note)
     with graph.inserting_before(earliest):
-        y = graph.call_function(first_node.target, tuple(args), dict(first_node.kwargs))
+        y = graph.call_function(nodes[0].target, tuple(args_from(inputs)), dict(nodes[0].kwargs))
         offset = 0
-        for node, member_args in members:
-            width = ctx.values[member_args[0]].shape[0]  # qweight is [out, ...] in every layout
+        for node, width in zip(nodes, widths):
             out = graph.call_function(torch.narrow, (y, -1, offset, width))
             offset += width
             node.replace_all_uses_with(out)
-    for node, _ in members:
+    for node in nodes:
         graph.erase_node(node)
+
+
+def _fuse(graph: fx.Graph, ctx: PassContext, members: list[tuple[fx.Node, list[fx.Node]]],
+          earliest: fx.Node) -> None:
+    first = members[0][0]
+
+    def args_from(inputs):
+        it = iter(inputs)
+        return [next(it) if i > 0 and isinstance(a, fx.Node) else a for i, a in enumerate(first.args)]
+
+    widths = [ctx.values[args[0]].shape[0] for _, args in members]  # qweight is [out, ...] in every layout
+    _emit(graph, ctx, [n for n, _ in members], [args for _, args in members], args_from, widths, earliest)
 
 
 # QUIK (qcompile::quik_mm on a blocked weight): the siblings share x's outlier split (the index tensors,
@@ -97,25 +107,13 @@ def _fuse_quik(graph: fx.Graph, ctx: PassContext, members: list[fx.Node], earlie
             rows_end_to_end([ctx.values[n.args[i]] for n in members]) for i in QUIK_ROWS):
         return False
     rows = [[n.args[i] for i in QUIK_ROWS] for n in members]
-    ctx.remakes.append(([a for r in rows for a in r], lambda v: _combined([[v[a] for a in r] for r in rows])))
-    fused = dict(zip(QUIK_ROWS, (ctx.add_input(graph, f"{a.name}_fused", t)
-                                 for a, t in zip(rows[0], _combined([[ctx.values[a] for a in r] for r in rows])))))
     first = members[0]
-    args = [fused.get(i, a) for i, a in enumerate(first.args[:8])] + [sum(n.args[8] for n in members)]
-    paths = [module_path(n, prefix=ctx.path_prefix) for n in members]
-    note = "one op for " + "+".join(p.rsplit(".", 1)[-1] for p in paths)
-    for entry in ctx.report.linears:
-        if entry.path in paths:
-            entry.notes.append(note)
-    with graph.inserting_before(earliest):
-        y = graph.call_function(QUIK_MM, tuple(args))
-        offset = 0
-        for node in members:
-            out = graph.call_function(torch.narrow, (y, -1, offset, node.args[8]))
-            offset += node.args[8]
-            node.replace_all_uses_with(out)
-    for node in members:
-        graph.erase_node(node)
+
+    def args_from(inputs):
+        fused = dict(zip(QUIK_ROWS, inputs))
+        return [fused.get(i, a) for i, a in enumerate(first.args[:8])] + [sum(n.args[8] for n in members)]
+
+    _emit(graph, ctx, members, rows, args_from, [n.args[8] for n in members], earliest)
     return True
 
 

@@ -136,17 +136,21 @@ def colocate_siblings(model: nn.Module) -> int:
             if isinstance(child, QuantLinear) and child.perm is None and child.layout_op in ROW_BLOCK_OPS:
                 groups.setdefault(_sibling_key(child), []).append(child)
         for layers in groups.values():
-            if len(layers) < 2 or _end_to_end(layers):
-                continue
-            for name in layers[0]._tensor_names:
-                whole = torch.cat([getattr(m, name) for m in layers])
-                start = 0
-                for m in layers:
-                    rows = getattr(m, name).shape[0]
-                    setattr(m, name, whole[start:start + rows])  # a registered buffer: stays one
-                    start += rows
-            moved += len(layers)
+            moved += _lay_end_to_end(layers, layers[0]._tensor_names)
     return moved
+
+
+def _lay_end_to_end(layers: list[QuantLinear], names) -> int:
+    """Store the tensors `names` of `layers` row after row in one buffer each; the number moved."""
+    if len(layers) < 2 or all(rows_end_to_end([getattr(m, n) for m in layers]) for n in names):
+        return 0
+    for name in names:
+        whole, start = torch.cat([getattr(m, name) for m in layers]), 0
+        for m in layers:
+            rows = getattr(m, name).shape[0]
+            setattr(m, name, whole[start:start + rows])  # a registered buffer: stays one
+            start += rows
+    return len(layers)
 
 
 QUIK_ROW_TENSORS = ("qweight", "scales", "rowsum", "fp_weight")  # blocked: dim 0 is blocks of 16 channels
@@ -162,18 +166,7 @@ def _colocate_quik(layers: list[QuantLinear]) -> int:
                    tuple((getattr(m, n).dtype, getattr(m, n).device, tuple(getattr(m, n).shape[1:]))
                          for n in QUIK_ROW_TENSORS))
             groups.setdefault(key, []).append(m)
-    moved = 0
-    for members in groups.values():
-        if len(members) < 2 or all(rows_end_to_end([getattr(m, n) for m in members]) for n in QUIK_ROW_TENSORS):
-            continue
-        for name in QUIK_ROW_TENSORS:
-            whole, start = torch.cat([getattr(m, name) for m in members]), 0
-            for m in members:
-                rows = getattr(m, name).shape[0]
-                setattr(m, name, whole[start:start + rows])
-                start += rows
-        moved += len(members)
-    return moved
+    return sum(_lay_end_to_end(members, QUIK_ROW_TENSORS) for members in groups.values())
 
 
 def _share_indices(layers: list[QuantLinear]) -> None:
