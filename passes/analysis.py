@@ -587,3 +587,23 @@ def placeholder_values(graph: fx.Graph, example_inputs) -> dict[fx.Node, object]
     """Map each placeholder to the real value Dynamo passed for it."""
     phs = [n for n in graph.nodes if n.op == "placeholder"]
     return dict(zip(phs, example_inputs))
+
+
+_INDEX_SELECT = {torch.index_select, torch.ops.aten.index_select.default}
+
+
+def collective_counts(graph: fx.Graph) -> dict[str, int]:
+    """The collectives a graph runs, by kind (``_c10d_functional`` ops other than wait_tensor), and
+    its runtime permutes (``runtime_index``: index_select of an activation, act_order's gather)."""
+    counts: dict[str, int] = {}
+    for n in graph.nodes:
+        if n.op != "call_function" and n.op != "call_method":
+            continue
+        name = getattr(n.target, "_qualified_op_name", None) or str(getattr(n.target, "__name__", n.target))
+        if n.op == "call_function" and "_c10d_functional" in str(name):
+            kind = str(name).split("::")[-1].split(".")[0]
+            if kind != "wait_tensor":
+                counts[kind] = counts.get(kind, 0) + 1
+        elif n.target in _INDEX_SELECT or n.target == "index_select":
+            counts["runtime_index"] = counts.get("runtime_index", 0) + 1
+    return counts

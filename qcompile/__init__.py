@@ -8,6 +8,7 @@
     qcompile.quantize(model, qcompile.QUIKConfig(), calibration=texts, tokenizer=tok)  # W4A4 + outliers
     qcompile.save(model, "out/"); qcompile.load(model, "out/")  # safetensors + JSON
     print(qcompile.explain(model, input_ids))                    # what the compiler did, and why
+    qcompile.parallelize(model)                                  # tensor parallel (torch.distributed)
 """
 import os as _os
 import sys as _sys
@@ -33,8 +34,9 @@ from .quantize import quantize  # noqa: E402
 from .errors import CheckpointError  # noqa: E402
 from .report import Report  # noqa: E402
 from .formats.checkpoint import load, save  # noqa: E402
+from .parallel import parallelize  # noqa: E402
 
-__all__ = ["backend", "Backend", "quantize", "save", "load", "explain", "Report", "CheckpointError",
+__all__ = ["backend", "Backend", "quantize", "save", "load", "explain", "parallelize", "Report", "CheckpointError",
            "QuantConfig", "RTNConfig", "GPTQConfig", "GANQConfig", "QUIKConfig", "default_config", "AttentionConfig", "GQAConfig",
            "convert_to_gqa"]
 __version__ = "0.1.0"

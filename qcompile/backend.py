@@ -60,7 +60,7 @@ class Backend:
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs, **kwargs):
         from qcompile.passes import PASSES, PassContext
-        from qcompile.passes.analysis import placeholder_values, root_prefix
+        from qcompile.passes.analysis import collective_counts, placeholder_values, root_prefix
 
         mode, options = kwargs.pop("mode", None), kwargs.pop("options", None) or {}
         gm = _own_copy(gm)
@@ -86,6 +86,7 @@ class Backend:
             before = gm.code
             summary = run_pass(gm, ctx)
             report.passes.append(PassRecord(name, summary, before, gm.code))
+        report.collectives = collective_counts(gm.graph)
         if self.reports is not None:
             self.reports.append(report)
         if debug_dir := os.environ.get("QCOMPILE_DEBUG_DIR"):

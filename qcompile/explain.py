@@ -29,7 +29,7 @@ def explain(model_or_fn, *example_inputs, config: QuantConfig | None = None,
                       attention=attention, quantize_linears=quantize_linears)
     compiled = torch.compile(model_or_fn, backend=backend)
     compiled(*example_inputs, **example_kwargs)
-    report = Report(config=backend.describe(), graphs=reports)
+    report = Report(config=backend.describe(), graphs=reports, parallel=getattr(model_or_fn, "qcompile_parallel", None))
     if isinstance(model_or_fn, nn.Module):
         _check_paths(report, model_or_fn)
         _describe_prequantized(report, model_or_fn)

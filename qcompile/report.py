@@ -64,6 +64,9 @@ class GraphReport:
     passes: list[PassRecord] = field(default_factory=list)
     attention: list[AttentionReport] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # after the passes: collectives by kind (all_reduce, all_gather_into_tensor, ...) and
+    # "runtime_index", the activation permutes (act_order gathers)
+    collectives: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -72,6 +75,7 @@ class Report:
 
     config: dict
     graphs: list[GraphReport] = field(default_factory=list)
+    parallel: object = None  # qcompile.parallel.ParallelReport of a model run tensor parallel
 
     @property
     def linears(self) -> list[LinearReport]:
@@ -93,8 +97,10 @@ class Report:
         return list(seen.values())
 
     def to_dict(self) -> dict:
-        return {"config": self.config, "graphs": [asdict(g) for g in self.graphs],
-                "summary": self.summary()}
+        out = {"config": self.config, "graphs": [asdict(g) for g in self.graphs], "summary": self.summary()}
+        if self.parallel is not None:
+            out["parallel"] = self.parallel.to_dict()
+        return out
 
     def summary(self) -> dict:
         lins = self.linears
@@ -106,7 +112,8 @@ class Report:
                 "ratio": round(qb / fb, 4) if fb else None, "graphs": len(self.graphs),
                 "int8_activations": sum(1 for x in q if x.activations == "int8"),
                 "attention_sites": sum(len(g.attention) for g in self.graphs),
-                "attention_rewritten": sum(1 for g in self.graphs for a in g.attention if a.op)}
+                "attention_rewritten": sum(1 for g in self.graphs for a in g.attention if a.op),
+                "collectives": _add_counts(g.collectives for g in self.graphs)}
 
     def __str__(self) -> str:
         lines = [f"qcompile report  config={self.config.get('method', '?')} "
@@ -134,11 +141,23 @@ class Report:
                 op = (a.op or "- (kept)").replace("qcompile::", "")
                 note = f"  [{'; '.join(a.notes)}]" if a.notes else ""
                 lines.append(f"{a.path:<{width}}  {a.pattern:<27}  {heads:>10}  {a.kv_repeat:<17}  {op:<14}  {a.reason}{note}")
+        if self.parallel is not None:
+            lines.append(str(self.parallel))
         for g in self.graphs:
+            comm = ", ".join(f"{k}={v}" for k, v in sorted(g.collectives.items()))
             lines.append(f"graph {g.index} ({g.device}): " + "; ".join(f"{p.name}: {p.summary}" for p in g.passes)
+                         + (f"; runs {comm}" if comm else "")
                          + ("" if not g.notes else "  notes: " + "; ".join(g.notes)))
         lines.append("(report.graphs[i].passes[j].before / .after hold each graph's code)")
         return "\n".join(lines)
+
+
+def _add_counts(counts) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for c in counts:
+        for k, v in c.items():
+            total[k] = total.get(k, 0) + v
+    return total
 
 
 def dump(report: GraphReport, config: dict, directory: str | os.PathLike) -> Path:

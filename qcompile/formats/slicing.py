@@ -1,0 +1,116 @@
+"""Rows and columns of a weight in any canonical format, as a weight of the same format.
+
+Tensor parallelism and the TP-aware fold need three operations, exact on the integers:
+- `take_rows(w, index)`: output channels in the order `index` (a shard: a range; the fold: a permutation);
+- `take_columns(w, start, end)`: stored input columns ``start..end-1`` (a row-parallel shard); the
+  range must hold whole quantization groups. The result has no act_order ``perm``: the caller
+  feeds it ``x[..., w.perm[start:end]]`` (or an input already in that order);
+- `regroup_columns(w, columns, size)`: the stored columns `columns`, regrouped as runs of equal
+  length `size` per original group, padded (see the function).
+A float weight is a plain ``[N, K]`` tensor here.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .int4 import Int4Weight, pack_nibbles, unpack_nibbles
+from .int8 import Int8Weight
+from .lut import LutWeight
+from .quik import QuikWeight
+
+
+def take_rows(w, index: Tensor):
+    """The output channels `index` (int tensor) of `w`, in that order."""
+    index = index.to(torch.long)
+    if isinstance(w, Tensor):
+        return w.index_select(0, index.to(w.device)).contiguous()
+    if isinstance(w, Int4Weight):
+        return Int4Weight(*(t.index_select(0, index.to(t.device)).contiguous() for t in (w.qweight, w.scales, w.zeros)),
+                          w.group_size, w.bits, w.perm)
+    if isinstance(w, Int8Weight):
+        pick = lambda t: None if t is None else t.index_select(0, index.to(t.device)).contiguous()  # noqa: E731
+        return Int8Weight(pick(w.qweight), pick(w.scales), pick(w.zeros), w.group_size, w.perm)
+    if isinstance(w, LutWeight):
+        outliers = None
+        if w.outliers is not None:
+            rows, cols, vals = w.outliers
+            new_row = torch.full((w.out_features,), -1, dtype=torch.long, device=rows.device)
+            new_row[index.to(rows.device)] = torch.arange(index.numel(), device=rows.device)
+            mapped = new_row[rows.long()]
+            keep = mapped >= 0
+            outliers = (mapped[keep].to(rows.dtype), cols[keep], vals[keep])
+        return LutWeight(w.codes.index_select(0, index.to(w.codes.device)).contiguous(),
+                         w.tables.index_select(0, index.to(w.tables.device)).contiguous(), w.bits, outliers)
+    if isinstance(w, QuikWeight):
+        raise NotImplementedError(
+            "tensor parallelism does not shard QUIK weights yet: QUIK quantizes each token's activations "
+            "over the whole input row, which a row-parallel shard does not see")
+    raise TypeError(f"take_rows: no rule for {type(w).__name__}")
+
+
+def _check_group_aligned(w, start: int, end: int) -> None:
+    g = getattr(w, "group_size", None)
+    if g and (start % g or end % g):
+        raise ValueError(
+            f"columns {start}..{end} of a {w.in_features}-wide layer split its quantization groups of {g}: "
+            f"each shard needs a whole number of groups (in_features / world_size divisible by {g}). "
+            "Use a world size that divides the group count, or quantize with a smaller group_size.")
+
+
+def take_columns(w, start: int, end: int):
+    """Stored input columns ``start..end-1`` of `w` (whole groups), without a perm (see the module doc)."""
+    if isinstance(w, Tensor):
+        return w[:, start:end].contiguous()
+    if isinstance(w, (Int4Weight, Int8Weight)):
+        _check_group_aligned(w, start, end)
+    if isinstance(w, Int4Weight):
+        if start % 2 or end % 2:
+            raise ValueError(f"int4 columns {start}..{end}: shards must start and end on even columns (two codes a byte)")
+        g0, g1 = start // w.group_size, end // w.group_size
+        return Int4Weight(w.qweight[:, start // 2:end // 2].contiguous(), w.scales[:, g0:g1].contiguous(),
+                          w.zeros[:, g0:g1].contiguous(), w.group_size, w.bits)
+    if isinstance(w, Int8Weight):
+        if w.group_size is None:
+            scales, zeros = w.scales, w.zeros
+        else:
+            g0, g1 = start // w.group_size, end // w.group_size
+            scales = w.scales[:, g0:g1].contiguous()
+            zeros = None if w.zeros is None else w.zeros[:, g0:g1].contiguous()
+        return Int8Weight(w.qweight[:, start:end].contiguous(), scales, zeros, w.group_size)
+    if isinstance(w, LutWeight):
+        if start % 2 or end % 2:
+            raise ValueError(f"lut columns {start}..{end}: shards must start and end on even columns (two codes a byte)")
+        outliers = None
+        if w.outliers is not None:
+            rows, cols, vals = w.outliers
+            keep = (cols >= start) & (cols < end)
+            outliers = (rows[keep], cols[keep] - start, vals[keep])
+        return LutWeight(w.codes[:, start // 2:end // 2].contiguous(), w.tables, w.bits, outliers)
+    return take_rows(w, torch.empty(0))  # raises the format's own error (QUIK)
+
+
+def regroup_columns(w, columns: Tensor, size: int):
+    """The stored columns `columns` (ascending) of a grouped weight, each original group's members
+    laid out as one group of `size` columns, padded with code 0 (whatever the pad codes are, the
+    caller feeds zeros there). Returns (weight, slot): ``slot[i]`` is the new column of ``columns[i]``.
+
+    This is how a row-parallel act_order layer keeps its own scales without the full input: a rank's
+    columns are scattered over every group, so each group's share becomes one (padded) group."""
+    if not isinstance(w, (Int4Weight, Int8Weight)) or w.group_size is None:
+        raise TypeError("regroup_columns applies to grouped int4/int8 weights")
+    g = w.group_size
+    groups = columns // g
+    counts = torch.bincount(groups, minlength=w.in_features // g)
+    if int(counts.max()) > size:
+        raise ValueError(f"a group holds {int(counts.max())} of the columns, more than the padded size {size}")
+    first = torch.cumsum(counts, 0) - counts  # position of each group's first member in `columns`
+    slot = groups * size + (torch.arange(columns.numel(), device=columns.device) - first[groups])
+    n, new_k = w.out_features, (w.in_features // g) * size
+    if isinstance(w, Int4Weight):
+        codes = torch.zeros(n, new_k, dtype=torch.uint8, device=w.qweight.device)
+        codes[:, slot] = unpack_nibbles(w.qweight)[:, columns]
+        return Int4Weight(pack_nibbles(codes), w.scales.clone(), w.zeros.clone(), size, w.bits), slot
+    q = torch.zeros(n, new_k, dtype=torch.int8, device=w.qweight.device)
+    q[:, slot] = w.qweight[:, columns]
+    return Int8Weight(q, w.scales.clone(), None if w.zeros is None else w.zeros.clone(), size), slot
