@@ -9,6 +9,7 @@
     qcompile.save(model, "out/"); qcompile.load(model, "out/")  # safetensors + JSON
     print(qcompile.explain(model, input_ids))                    # what the compiler did, and why
     qcompile.parallelize(model)                                  # tensor parallel (torch.distributed)
+    qcompile.load(skeleton, "out/", parallel=True)               # ... reading only this rank's shard
 """
 import os as _os
 import sys as _sys

@@ -207,6 +207,12 @@ def linear_modules(model: nn.Module) -> list[tuple[str, nn.Module, torch.Tensor]
     return found
 
 
+def holds_own_tensors(module: nn.Module) -> bool:
+    """A module a loader filled as a whole (a QuantLinear, a tensor-parallel shard): its tensors are
+    not read again as float parameters."""
+    return isinstance(module, QuantLinear) or getattr(module, "qcompile_sharded", False)
+
+
 def _set_module(model: nn.Module, path: str, new: nn.Module) -> None:
     parent, _, name = path.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, name, new)

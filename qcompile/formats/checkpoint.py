@@ -23,7 +23,8 @@ from .. import lowering
 from ..config import CPU_ACTIVATIONS, QuantConfig, cpu_activations_for
 from ..errors import CheckpointError
 from . import FORMATS, gptq_hf, standalone
-from ..modules import QuantEmbedding, QuantLinear, _path_of, _set_module, colocate_siblings, linear_modules
+from ..modules import (QuantEmbedding, QuantLinear, _path_of, _set_module, colocate_siblings, holds_own_tensors,
+                       linear_modules)
 from .gptq_checkpoint import load_gptq, save_gptq
 
 TENSORS_FILE = "model.safetensors"
@@ -51,6 +52,9 @@ def save(model: nn.Module, path: str | Path, *, format: str = "qcompile") -> Pat
     """
     if format not in SAVE_FORMATS:
         raise ValueError(f"qcompile.save(format={format!r}): use one of {SAVE_FORMATS}")
+    if getattr(model, "qcompile_parallel", None) is not None:
+        raise ValueError("qcompile.save: this model holds one rank's tensor-parallel shard; save the whole model "
+                         "before qcompile.parallelize, and load it with qcompile.load(..., parallel=...)")
     if format != "qcompile":
         return save_gptq(model, Path(path), format)
     out = Path(path)
@@ -116,7 +120,8 @@ def _read_meta(path: Path) -> dict:
 
 @torch.no_grad()
 def load(model: nn.Module, path: str | Path, *, device: torch.device | str | None = None,
-         verify: bool = True, cpu_activations: str | None = None) -> nn.Module:
+         verify: bool = True, cpu_activations: str | None = None, parallel=None, tp_aware: bool = True,
+         act_order_rows: str = "regroup") -> nn.Module:
     """Load a checkpoint written by `save`, or a Hugging Face GPTQ checkpoint directory, into
     `model` (float, or built on the meta device), in place.
 
@@ -126,6 +131,9 @@ def load(model: nn.Module, path: str | Path, *, device: torch.device | str | Non
     "float", see `QuantConfig`; applied per layer by `config.cpu_activations_for`) overrides what each
     layer was saved with (files from before the setting: the saved config's, else QuantConfig's
     default, as for GPTQ checkpoints).
+    `parallel` (a ProcessGroup, a 1-D DeviceMesh, or True for the default group): tensor parallel
+    as `qcompile.parallelize`, each block sharded as soon as it is read, so a rank holds its shard,
+    the replicated parts and at most one whole block (`tp_aware`, `act_order_rows` as there).
     Raises `CheckpointError` for a missing, corrupted or mismatched checkpoint.
     """
     if cpu_activations is not None and cpu_activations not in CPU_ACTIVATIONS:
@@ -137,8 +145,9 @@ def load(model: nn.Module, path: str | Path, *, device: torch.device | str | Non
         first = next(iter(model.parameters()), None)
         device = first.device if first is not None and first.device.type != "meta" else torch.device("cpu")
     device = torch.device(device)
+    sharder = _sharder(model, parallel, tp_aware, act_order_rows)
     if not (path / META_FILE).is_file() and (gptq := gptq_hf.find_config(path)) is not None:
-        return load_gptq(model, path, gptq, device, cpu_activations or QuantConfig.cpu_activations)
+        return load_gptq(model, path, gptq, device, cpu_activations or QuantConfig.cpu_activations, sharder)
     meta = _read_meta(path)
     saved = (meta.get("config") or {}).get("cpu_activations", QuantConfig.cpu_activations)
     tensor_path = path / TENSORS_FILE
@@ -204,6 +213,10 @@ def load(model: nn.Module, path: str | Path, *, device: torch.device | str | Non
         acts = (lmeta.get("cpu_activations") if cpu_activations is None else None) or \
             cpu_activations_for(cpu_activations or saved, lpath, lmeta["format"])
         _set_module(model, lpath, QuantLinear(lowering.pack(canonical, device, acts), bias))
+        if sharder is not None:
+            for t in names:  # the layer holds them now; after sharding, only its shard stays
+                loaded.pop(f"{lpath}.{t}", None)
+            sharder.layer_ready(lpath)
 
     for emb_path, head_path in meta.get("tied_embeddings", {}).items():
         emb = model.get_submodule(emb_path)
@@ -214,7 +227,7 @@ def load(model: nn.Module, path: str | Path, *, device: torch.device | str | Non
     aliases = meta.get("aliases", {})
     missing = []
     for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
-        if isinstance(model.get_submodule(name.rpartition(".")[0]) if "." in name else model, QuantLinear):
+        if holds_own_tensors(model.get_submodule(name.rpartition(".")[0]) if "." in name else model):
             continue
         src = aliases.get(name, name)
         if src not in keys:
@@ -231,7 +244,16 @@ def load(model: nn.Module, path: str | Path, *, device: torch.device | str | Non
     if hasattr(model, "config") and hasattr(model.config, "tie_word_embeddings") and meta.get("tied_embeddings"):
         model.config.tie_word_embeddings = False
     colocate_siblings(model)
+    if sharder is not None:
+        sharder.finish()
     return model
+
+
+def _sharder(model: nn.Module, parallel, tp_aware: bool, act_order_rows: str):
+    if parallel is None or parallel is False:
+        return None
+    from qcompile.parallel import Sharder  # the one upward import: loading a shard is tensor parallelism's
+    return Sharder(model, None if parallel is True else parallel, tp_aware=tp_aware, act_order_rows=act_order_rows)
 
 
 def _assign(model: nn.Module, name: str, value: torch.Tensor) -> None:

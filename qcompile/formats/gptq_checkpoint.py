@@ -21,7 +21,7 @@ from .. import lowering
 from ..config import QuantConfig, cpu_activations_for
 from ..errors import CheckpointError
 from . import Int4Weight, gptq_hf, standalone
-from ..modules import QuantEmbedding, QuantLinear, _set_module, colocate_siblings, linear_modules
+from ..modules import QuantEmbedding, QuantLinear, _set_module, colocate_siblings, holds_own_tensors, linear_modules
 
 INDEX_FILE = "model.safetensors.index.json"
 TENSORS_FILE = "model.safetensors"
@@ -65,7 +65,7 @@ class _Tensors:
 
 @torch.no_grad()
 def load_gptq(model: nn.Module, path: Path, config: dict, device: torch.device,
-              cpu_activations: str = QuantConfig.cpu_activations) -> nn.Module:
+              cpu_activations: str = QuantConfig.cpu_activations, sharder=None) -> nn.Module:
     """Fill `model` in place from GPTQ checkpoint directory `path` (`config` from gptq_hf.find_config)."""
     tensors = _Tensors(path)
     keys = tensors.keys()
@@ -106,11 +106,15 @@ def load_gptq(model: nn.Module, path: Path, config: dict, device: torch.device,
         acts = cpu_activations_for(cpu_activations, prefix, weight.format_name)
         _set_module(model, prefix, QuantLinear(lowering.pack(weight, device, acts), bias))
         used.update(present.values())
+        if sharder is not None:
+            sharder.layer_ready(prefix)
     _load_float_tensors(model, tensors, used, device, path)
     if untied and hasattr(getattr(model, "config", None), "tie_word_embeddings"):
         model.config.tie_word_embeddings = False  # the quantized head no longer shares the float table
     _share_int8_table(model)
     colocate_siblings(model)
+    if sharder is not None:
+        sharder.finish()
     return model
 
 
@@ -136,7 +140,7 @@ def _load_float_tensors(model: nn.Module, tensors: _Tensors, used: set[str], dev
     by_object: dict[int, tuple[torch.Tensor, list[str]]] = {}
     for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
         owner = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-        if isinstance(owner, QuantLinear):
+        if holds_own_tensors(owner):
             continue
         by_object.setdefault(id(t), (t, []))[1].append(name)
     missing, on_meta, transient = [], [], set()

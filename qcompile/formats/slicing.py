@@ -91,26 +91,38 @@ def take_columns(w, start: int, end: int):
 
 
 def regroup_columns(w, columns: Tensor, size: int):
-    """The stored columns `columns` (ascending) of a grouped weight, each original group's members
-    laid out as one group of `size` columns, padded with code 0 (whatever the pad codes are, the
-    caller feeds zeros there). Returns (weight, slot): ``slot[i]`` is the new column of ``columns[i]``.
+    """The stored columns `columns` (ascending) of a grouped int4/int8 weight, regrouped: each
+    original group's members become consecutive new groups of `size` columns that repeat the
+    group's scale and zero-point, the last one padded with code 0 (the caller feeds zeros there, so
+    the pad codes never count). Returns (weight, slot): ``slot[i]`` is the new column of ``columns[i]``.
 
-    This is how a row-parallel act_order layer keeps its own scales without the full input: a rank's
-    columns are scattered over every group, so each group's share becomes one (padded) group."""
+    This is how a row-parallel act_order layer keeps its own scales without the whole input: a
+    rank's columns are scattered over every group, so each group's share becomes its own groups."""
     if not isinstance(w, (Int4Weight, Int8Weight)) or w.group_size is None:
         raise TypeError("regroup_columns applies to grouped int4/int8 weights")
+    if size <= 0 or size % 2:
+        raise ValueError(f"regroup_columns: size {size} must be even and positive")
     g = w.group_size
-    groups = columns // g
-    counts = torch.bincount(groups, minlength=w.in_features // g)
-    if int(counts.max()) > size:
-        raise ValueError(f"a group holds {int(counts.max())} of the columns, more than the padded size {size}")
-    first = torch.cumsum(counts, 0) - counts  # position of each group's first member in `columns`
-    slot = groups * size + (torch.arange(columns.numel(), device=columns.device) - first[groups])
-    n, new_k = w.out_features, (w.in_features // g) * size
+    group = columns // g
+    counts = torch.bincount(group, minlength=w.in_features // g)
+    chunks = (counts + size - 1) // size               # new groups per original group
+    first_chunk = torch.cumsum(chunks, 0) - chunks
+    rank_in_group = torch.arange(columns.numel(), device=columns.device) - (torch.cumsum(counts, 0) - counts)[group]
+    slot = (first_chunk[group] + rank_in_group // size) * size + rank_in_group % size
+    origin = torch.repeat_interleave(torch.arange(counts.numel(), device=columns.device), chunks)  # new group -> old
+    n, new_k = w.out_features, int(chunks.sum()) * size
+    pick = lambda t: None if t is None else t.index_select(1, origin.to(t.device)).contiguous()  # noqa: E731
     if isinstance(w, Int4Weight):
         codes = torch.zeros(n, new_k, dtype=torch.uint8, device=w.qweight.device)
         codes[:, slot] = unpack_nibbles(w.qweight)[:, columns]
-        return Int4Weight(pack_nibbles(codes), w.scales.clone(), w.zeros.clone(), size, w.bits), slot
+        return Int4Weight(pack_nibbles(codes), pick(w.scales), pick(w.zeros), size, w.bits), slot
     q = torch.zeros(n, new_k, dtype=torch.int8, device=w.qweight.device)
     q[:, slot] = w.qweight[:, columns]
-    return Int8Weight(q, w.scales.clone(), None if w.zeros is None else w.zeros.clone(), size), slot
+    return Int8Weight(q, pick(w.scales), pick(w.zeros), size), slot
+
+
+def regrouped_bytes(counts: Tensor, size: int, rows: int, code_bits: int, group_bytes: int) -> int:
+    """Bytes of `regroup_columns` at `size` for groups holding `counts` columns: codes and pads,
+    plus `group_bytes` (scale and zero-point) per new group and row."""
+    chunks = int(((counts + size - 1) // size).sum())
+    return rows * chunks * (size * code_bits // 8 + group_bytes)

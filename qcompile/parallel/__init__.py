@@ -15,14 +15,20 @@ the whole input, so they keep their perm. Row-parallel ones, with ``tp_aware=Tru
 - down_proj: its perm is folded into gate/up's output rows offline (`qcompile.passes.tp_fold`),
   so each rank's slice of the activation already lines up with its columns: no collective, no
   runtime permute;
-- o_proj (no exact fold: its input is laid out per head) and any MLP the fold cannot read: this
-  rank's columns are regrouped, each group's members on this rank as one padded group that keeps
-  its scale (`qcompile.formats.slicing.regroup_columns`), read through one local index: no
-  collective, one runtime index and some padding bytes, both in the report. With int8 activations
-  (decode on CPU) such a layer quantizes x per (rank-local) group: a finer grid than one process's,
-  so decode there is not bit-identical to a single process (prefill-sized inputs are).
-``tp_aware=False`` is the naive path, for measurement: every act_order row-parallel layer
-all-gathers its input, permutes it and takes its slice.
+- o_proj (no exact fold: its input is laid out per head) and any MLP the fold cannot read, by
+  ``act_order_rows``:
+  "regroup" (default): this rank's columns are regrouped, each group's members on this rank as
+  groups of their own that keep the group's scale (`qcompile.formats.slicing.regroup_columns`),
+  read through one local index: no collective; the padding bytes and the index are in the report.
+  "gather": all_gather the input, permute, take this rank's columns (one all_gather per layer).
+  Both compute what one process computes, up to the order of float sums. With int8 activations
+  (CPU decode, x quantized per weight group) "regroup" quantizes x over each rank's members of a
+  group, a finer grid than one process's; "gather" keeps the grid. Neither is bit-identical to
+  one process there: int8 rounding turns any change of summation order into a different code now
+  and then (on SmolLM2, scaling one layer's output by 1 + 1e-7 moves the logits by ~3%), so
+  greedy tokens match a single process exactly with float activations (``cpu_activations="float"``).
+``tp_aware=False`` is the naive path, for measurement: no fold, and every act_order row-parallel
+layer all-gathers its input, permutes it and takes its slice.
 """
 from __future__ import annotations
 
@@ -34,7 +40,7 @@ from torch import Tensor, nn
 
 from qcompile import lowering
 from qcompile.formats import Int8Weight
-from qcompile.formats.slicing import regroup_columns, take_columns, take_rows
+from qcompile.formats.slicing import regroup_columns, regrouped_bytes, take_columns, take_rows
 from qcompile.modules import QuantLinear, colocate_siblings
 
 from .layers import RowParallelLinear
@@ -42,6 +48,7 @@ from .layers import RowParallelLinear
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 GATED_MLP = ("gate_proj", "up_proj", "down_proj")
 MLP = ("up_proj", "down_proj")
+_NAMES = {"attention": ATTENTION, "gated_mlp": GATED_MLP, "mlp": MLP}
 
 
 @dataclass
@@ -66,12 +73,14 @@ class ParallelReport:
     world_size: int
     rank: int
     tp_aware: bool
+    act_order_rows: str = "regroup"
     layers: list[ShardReport] = field(default_factory=list)
     folds: list = field(default_factory=list)   # qcompile.passes.tp_fold.FoldRecord
 
     def to_dict(self) -> dict:
         sharded = [x for x in self.layers if x.style != "replicated"]
         return {"world_size": self.world_size, "rank": self.rank, "tp_aware": self.tp_aware,
+                "act_order_rows": self.act_order_rows,
                 "layers": [asdict(x) for x in self.layers], "folds": [asdict(f) for f in self.folds],
                 "sharded_bytes": sum(x.bytes for x in sharded),
                 "local_sharded_bytes": sum(x.local_bytes for x in sharded),
@@ -96,55 +105,93 @@ class ParallelReport:
         return "\n".join(lines)
 
 
-def parallelize(model: nn.Module, group_or_mesh=None, *, tp_aware: bool = True) -> nn.Module:
+def parallelize(model: nn.Module, group_or_mesh=None, *, tp_aware: bool = True,
+                act_order_rows: str = "regroup") -> nn.Module:
     """Keep this rank's shard of `model`'s attention and MLP linears, in place; returns `model`.
 
     `group_or_mesh`: a ProcessGroup, a 1-D DeviceMesh, or None for the default group (call
     ``torch.distributed.init_process_group()`` first). Every rank must call this on the same model
     (same weights), as it would call any collective. ``tp_aware=False`` keeps the naive act_order
-    path (all_gather, permute, slice) for comparison. What was done is in ``model.qcompile_parallel``
-    (and `qcompile.explain`'s report).
+    path (all_gather, permute, slice) for comparison; `act_order_rows` ("regroup" or "gather")
+    how row-parallel act_order layers the fold cannot serve (o_proj) run, see the
+    module docstring. What was done is in ``model.qcompile_parallel``
+    (and `qcompile.explain`'s report). To read only this rank's shard from disk, use
+    ``qcompile.load(skeleton, path, parallel=group_or_mesh)`` instead.
     """
-    group = _resolve_group(group_or_mesh)
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    for path, m in model.named_modules():
-        if isinstance(m, QuantLinear) and m.layout == "quik":
-            raise NotImplementedError(
-                f"qcompile.parallelize: {path} is a QUIK layer; tensor parallelism does not shard QUIK weights yet "
-                "(QUIK quantizes each token's activations over the whole input row, which a row-parallel shard "
-                "does not see). Quantize with GPTQConfig/RTNConfig/GANQConfig to run tensor parallel.")
-    report = ParallelReport(world, rank, tp_aware)
-    if tp_aware:
-        from qcompile.passes.tp_fold import fold_permutations
-        report.folds = fold_permutations(model)
-    blocks = _find_blocks(model)
-    _check_divisible(blocks, world)
-    placed = set()
-    for path, module, kind in blocks:
-        names = ATTENTION if kind == "attention" else GATED_MLP if kind == "gated_mlp" else MLP
-        unit = _head_dim(module) if kind == "attention" else 1
-        *columns, row = names
+    sharder = Sharder(model, group_or_mesh, tp_aware=tp_aware, act_order_rows=act_order_rows)
+    sharder.finish()
+    return model
+
+
+class Sharder:
+    """Shards a model block by block: `layer_ready` shards a block as soon as a block's linears are in place
+    (`qcompile.load(parallel=...)` calls it while reading a checkpoint, so a rank never holds more
+    than its shard and one block), `finish` for the rest and the report."""
+
+    def __init__(self, model: nn.Module, group_or_mesh=None, *, tp_aware: bool = True, act_order_rows: str = "regroup"):
+        if act_order_rows not in ("regroup", "gather"):
+            raise ValueError(f"act_order_rows={act_order_rows!r}: use 'regroup' or 'gather'")
+        self.model, self.tp_aware = model, tp_aware
+        self.act_order_rows = act_order_rows if tp_aware else "gather"
+        self.group = _resolve_group(group_or_mesh)
+        self.world, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
+        self.report = ParallelReport(self.world, self.rank, tp_aware, self.act_order_rows)
+        self.blocks = {path: (m, kind) for path, m, kind in _find_blocks(model)}
+        _check_divisible([(p, m, k) for p, (m, k) in self.blocks.items()], self.world)
+        self.done: set[str] = set()
+        self.ready: dict[str, set[str]] = {}  # block path -> its linears loaded so far
+
+    def layer_ready(self, path: str) -> None:
+        """Linear `path` now holds its weights: shard its block if that was the block's last one."""
+        parent = path.rpartition(".")[0]
+        if parent in self.blocks and parent not in self.done:
+            module, kind = self.blocks[parent]
+            ready = self.ready.setdefault(parent, set())
+            ready.add(path.rpartition(".")[2])
+            if ready >= set(_NAMES[kind]):
+                self._shard_block(parent)
+
+    def finish(self) -> None:
+        for path in self.blocks:
+            if path not in self.done:
+                self._shard_block(path)
+        placed = {f"{p}.{n}" for p, (_, kind) in self.blocks.items() for n in _NAMES[kind]}
+        for path, m in self.model.named_modules():
+            if isinstance(m, (QuantLinear, nn.Linear)) and path not in placed and path.rpartition(".local")[0] not in placed:
+                nbytes = _bytes(m)
+                self.report.layers.append(ShardReport(path, "replicated", _shape(m), _shape(m), nbytes, nbytes))
+        _set_local_config(self.model, [(p, m, k) for p, (m, k) in self.blocks.items()], self.world)
+        colocate_siblings(self.model)  # q/k/v, gate/up shards: one op each again
+        self.model.qcompile_parallel = self.report
+
+    def _shard_block(self, path: str) -> None:
+        module, kind = self.blocks[path]
+        self.done.add(path)
+        for name in _NAMES[kind]:
+            if isinstance(getattr(module, name), QuantLinear) and getattr(module, name).layout == "quik":
+                raise NotImplementedError(
+                    f"qcompile.parallelize: {path}.{name} is a QUIK layer; tensor parallelism does not shard QUIK "
+                    "weights yet (QUIK quantizes each token's activations over the whole input row, which a "
+                    "row-parallel shard does not see). Quantize with GPTQConfig/RTNConfig/GANQConfig to run tensor parallel.")
+        if self.tp_aware and kind != "attention":
+            from qcompile.passes.tp_fold import fold_permutations
+            for record in fold_permutations(module):
+                record.path = ".".join(p for p in (path, record.path) if p)
+                self.report.folds.append(record)
+        if self.world == 1:
+            return  # one rank: the fold is all there is to do
+        *columns, row = _NAMES[kind]
         for name in columns:
             layer = getattr(module, name)
             n = layer.out_features
-            start, end = rank * n // world, (rank + 1) * n // world
-            new, rep = _column_shard(layer, start, end)
+            new, rep = _column_shard(layer, self.rank * n // self.world, (self.rank + 1) * n // self.world)
             setattr(module, name, new)
-            report.layers.append(_named(rep, f"{path}.{name}"))
-        new, rep = _row_shard(getattr(module, row), group, world, rank, tp_aware)
+            self.report.layers.append(_named(rep, f"{path}.{name}"))
+        new, rep = _row_shard(getattr(module, row), self.group, self.world, self.rank, self.act_order_rows)
         setattr(module, row, new)
-        report.layers.append(_named(rep, f"{path}.{row}"))
-        placed.update(f"{path}.{n}" for n in names)
+        self.report.layers.append(_named(rep, f"{path}.{row}"))
         if kind == "attention":
-            _set_local_heads(module, unit, world)
-    for path, m in model.named_modules():
-        if isinstance(m, (QuantLinear, nn.Linear)) and path.rpartition(".local")[0] not in placed and path not in placed:
-            nbytes = _bytes(m)
-            report.layers.append(ShardReport(path, "replicated", _shape(m), _shape(m), nbytes, nbytes))
-    _set_local_config(model, blocks, world)
-    colocate_siblings(model)  # q/k/v, gate/up shards: one op each again
-    model.qcompile_parallel = report
-    return model
+            _set_local_heads(module, self.world)
 
 
 # --- finding the blocks ---
@@ -199,7 +246,7 @@ def _check_divisible(blocks, world: int) -> None:
                                  "use a world size that divides it")
 
 
-def _set_local_heads(attn: nn.Module, head_dim: int, world: int) -> None:
+def _set_local_heads(attn: nn.Module, world: int) -> None:
     # HF attention infers heads from shapes (view(..., -1, head_dim)); older modules keep counts
     for name in ("num_heads", "num_key_value_heads", "num_attention_heads"):
         if isinstance(getattr(attn, name, None), int):
@@ -221,6 +268,17 @@ def _set_local_config(model: nn.Module, blocks, world: int) -> None:
 
 
 # --- sharding one layer ---
+def _best_regroup_size(weight, counts: Tensor) -> int:
+    """The regrouping (see `regroup_columns`) with the fewest bytes: small groups pad less but
+    store more scales. Group sizes stay even (two 4-bit codes a byte)."""
+    code_bits = 4 if weight.format_name == "int4" else 8
+    group_bytes = 2 * weight.scales.element_size()
+    largest = int(counts.max()) + int(counts.max()) % 2
+    sizes = sorted({s for s in (8, 16, 32, 64, 128) if s < largest} | {largest})
+    return min(sizes, key=lambda s: regrouped_bytes(counts, s, weight.out_features, code_bits, group_bytes))
+
+
+
 def _shape(m: nn.Module) -> tuple:
     return (m.out_features, m.in_features)
 
@@ -269,7 +327,7 @@ def _column_shard(layer: nn.Module, start: int, end: int) -> tuple[nn.Module, Sh
                             runtime_index=bool(notes), notes=notes)
 
 
-def _row_shard(layer: nn.Module, group, world: int, rank: int, tp_aware: bool) -> tuple[nn.Module, ShardReport]:
+def _row_shard(layer: nn.Module, group, world: int, rank: int, act_order_rows: str) -> tuple[nn.Module, ShardReport]:
     k = layer.in_features
     c0, c1 = rank * k // world, (rank + 1) * k // world
     bias = None if layer.bias is None else layer.bias.data
@@ -279,9 +337,9 @@ def _row_shard(layer: nn.Module, group, world: int, rank: int, tp_aware: bool) -
     notes, index, pad, gather = [], None, False, False
     if perm is None:
         local = take_columns(weight, c0, c1)
-    elif not tp_aware:  # naive: all_gather -> permute -> this rank's stored columns
+    elif act_order_rows == "gather":
         local, index, gather = take_columns(weight, c0, c1), perm[c0:c1].clone(), True
-        notes.append("act_order: input all-gathered, permuted and sliced (naive path)")
+        notes.append("act_order: input all-gathered, permuted and sliced")
     else:
         mine = ((perm >= c0) & (perm < c1)).nonzero().flatten()  # stored columns reading this rank's inputs
         if weight.group_size is None:  # per channel (int8): any subset of columns keeps its scales
@@ -289,15 +347,13 @@ def _row_shard(layer: nn.Module, group, world: int, rank: int, tp_aware: bool) -
             index = (perm[mine] - c0).to(torch.int32)
         else:
             counts = torch.bincount(mine // weight.group_size, minlength=k // weight.group_size)
-            size = int(counts.max()) + int(counts.max()) % 2  # even: two codes a byte
+            size = _best_regroup_size(weight, counts)
             local, slot = regroup_columns(weight, mine, size)
             index = torch.full((local.in_features,), c1 - c0, dtype=torch.int32)  # pads read the zero column
             index[slot] = (perm[mine] - c0).to(torch.int32)
             pad = True
-            ideal = (c1 - c0) // weight.group_size
-            notes.append(f"act_order: columns regrouped per rank ({local.in_features} padded for {c1 - c0}; "
-                         f"{weight.in_features // weight.group_size} groups of {size} instead of {ideal} of "
-                         f"{weight.group_size}), one runtime index, no collective")
+            notes.append(f"act_order: columns regrouped per rank ({local.in_features} for {c1 - c0} inputs, groups of "
+                         f"{size} instead of {weight.group_size}), one runtime index, no collective")
     new_local = _rebuild(layer, local, None)
     new = RowParallelLinear(new_local, bias, group.group_name, world,
                             input_index=None if index is None else index.to(_device(layer)), pad=pad, gather=gather,

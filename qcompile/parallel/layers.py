@@ -36,6 +36,8 @@ class RowParallelLinear(nn.Module):
     ``reduce_float32``: half-precision partial sums travel as float32 (gloo cannot sum bf16,
     pytorch #111131)."""
 
+    qcompile_sharded = True  # checkpoint loaders: this module's tensors are set, not read as float ones
+
     def __init__(self, local: nn.Module, bias: Tensor | None, group_name: str, world_size: int, *,
                  input_index: Tensor | None = None, pad: bool = False, gather: bool = False,
                  reduce_float32: bool = False):
