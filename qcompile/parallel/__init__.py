@@ -167,6 +167,7 @@ class Sharder:
     def _shard_block(self, path: str) -> None:
         module, kind = self.blocks[path]
         self.done.add(path)
+        _check_divisible([(path, module, kind)], self.world)  # the weights may have arrived since __init__
         for name in _NAMES[kind]:
             if isinstance(getattr(module, name), QuantLinear) and getattr(module, name).layout == "quik":
                 raise NotImplementedError(
@@ -244,6 +245,13 @@ def _check_divisible(blocks, world: int) -> None:
             if inter % world:
                 raise ValueError(f"{path}: intermediate size {inter} does not split over {world} ranks; "
                                  "use a world size that divides it")
+        row = m.o_proj if kind == "attention" else m.down_proj
+        # contiguous groups must not straddle two ranks (act_order o_proj is regrouped: any split works)
+        group = row.format_meta.get("group_size") if isinstance(row, QuantLinear) else None
+        if group and (kind != "attention" or row.perm is None) and (row.in_features // world) % group:
+            raise ValueError(f"{path}: each rank's {row.in_features // world} input columns of its row-parallel layer "
+                             f"are not whole groups of {group}; use a world size T with "
+                             f"({row.in_features} / T) % {group} == 0, or quantize with a smaller group_size")
 
 
 def _set_local_heads(attn: nn.Module, world: int) -> None:
