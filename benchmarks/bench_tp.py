@@ -1,7 +1,7 @@
 """Tensor parallel decode on one CPU machine (gloo): SmolLM2-135M, GPTQ W4 g64 with act_order.
 
     python benchmarks/bench_tp.py                 # TP = 1, 2, 3; TP-aware vs naive; writes results
-    python benchmarks/bench_tp.py --tp 1 3 --tokens 32
+    python benchmarks/bench_tp.py --tp 1 3 --tokens 32 --models smollm2
 
 A SIMULATION on one machine: every rank is a process on the same 2 cores, one thread each, talking
 over gloo on localhost; TP=3 oversubscribes the cores. The numbers show what the collectives and
@@ -15,8 +15,11 @@ linear bytes on rank 0 and each rank's peak RSS after loading. "single process" 
 without parallelize (its down_proj gathers its act_order input). Decode tokens are compared with
 the single-process model's (float activations: ``cpu_activations="float"`` everywhere, so that
 greedy tokens can match exactly; see qcompile.parallel on int8 activations).
-The checkpoint: GPTQConfig(group_size=64) (act_order on), calibrated on 8 windows of 256 tokens
-(speed does not depend on the weights' values), cached under ~/.cache/qcompile/bench_tp.
+Models: SmolLM2-135M (9 query / 3 KV heads: TP = 1 and 3; 2 does not divide its heads) and a
+random-weight Llama from a config that splits 1, 2 and 3 ways ("llama-768": 6 blocks, hidden 768,
+12 query / 6 KV heads, intermediate 2304). Checkpoints: GPTQConfig(group_size=64) (act_order on),
+calibrated on 8 windows of 256 tokens (SmolLM2: the shipped text; llama-768: random token ids;
+speed does not depend on the weights' values), cached under ~/.cache/qcompile/bench_tp.
 Writes benchmarks/results/tp_cpu.{md,json}.
 """
 from __future__ import annotations
@@ -42,29 +45,50 @@ sys.path.insert(0, str(HERE))
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qcompile" / "bench_tp"
 
 
-def checkpoint() -> Path:
-    path = CACHE / "smollm2_gptq_w4g64_act_order"
+LLAMA_768 = dict(vocab_size=8192, hidden_size=768, intermediate_size=2304, num_hidden_layers=6,
+                 num_attention_heads=12, num_key_value_heads=6, max_position_embeddings=512, tie_word_embeddings=False)
+LAYERS = {"smollm2": 30, "llama-768": 6}
+WORLDS = {"smollm2": (1, 3), "llama-768": (1, 2, 3)}
+
+
+def skeleton(name: str):
+    if name == "smollm2":
+        return load_model()[0]
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**LLAMA_768)).eval()
+
+
+def checkpoint(name: str) -> Path:
+    path = CACHE / f"{name}_gptq_w4g64_act_order"
     if not (path / "qcompile.json").is_file():
-        model, tok = load_model()
-        qcompile.quantize(model, qcompile.GPTQConfig(group_size=64, nsamples=8, seqlen=256), tokenizer=tok)
+        model = skeleton(name)
+        cfg = qcompile.GPTQConfig(group_size=64, nsamples=8, seqlen=256)
+        if name == "smollm2":
+            qcompile.quantize(model, cfg, tokenizer=load_model()[1])
+        else:
+            qcompile.quantize(model, cfg, calibration=torch.randint(0, LLAMA_768["vocab_size"], (8, 256),
+                                                                       generator=torch.Generator().manual_seed(1)))
         qcompile.save(model, path)
     return path
 
 
-def prompt_ids():
+def prompt_ids(name: str):
+    if name != "smollm2":
+        return torch.randint(0, LLAMA_768["vocab_size"], (1, 32), generator=torch.Generator().manual_seed(2))
     _, tok = load_model()
     return devset.windows(tok, "tune").ids[:1, :32]
 
 
-def decode(rank, world, path, mode, tokens, parallel=True):
+def decode(rank, world, name, path, mode, tokens, parallel=True):
     """One rank: load its shard, compile the decode step, time greedy decode."""
     from bench_decode import bare_decode, static_decode
 
-    model, _ = load_model()
+    model = skeleton(name)
     kwargs = {"tp_aware": mode != "naive"} if parallel else {}
     qcompile.load(model, path, cpu_activations="float", parallel=parallel or None, **kwargs)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    ids = prompt_ids()
+    ids = prompt_ids(name)
     counts = qcompile.explain(model, ids[:, :1]).summary()["collectives"]  # one token: the decode graph's structure
     torch._dynamo.reset()
     model = static_decode(model, {"backend": qcompile})
@@ -81,39 +105,39 @@ def decode(rank, world, path, mode, tokens, parallel=True):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tp", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--models", nargs="+", default=["smollm2", "llama-768"], choices=list(LAYERS))
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--out", default=str(HERE / "results" / "tp_cpu"))
     args = ap.parse_args()
-    path = checkpoint()
-    layers = 30
     rows = []
-    single = run_local_ranks(1, decode, path, "single", args.tokens, False, timeout_s=1200)[0]
-    rows.append(("single process (no parallelize)", 1, single))
-    print("single", single["tokens_per_s"], single["counts"], flush=True)
-    for world in args.tp:
-        for mode in ("tp_aware", "naive"):
-            res = run_local_ranks(world, decode, path, mode, args.tokens, timeout_s=1800)
-            same = all(r["tokens"] == single["tokens"] for r in res)
-            agree = all(r["tokens"] == res[0]["tokens"] for r in res)
-            r0 = dict(res[0], same_tokens=same, ranks_agree=agree,
-                      peak_rss_mib=max(r["peak_rss_mib"] for r in res))
-            rows.append((mode, world, r0))
-            print(world, mode, r0["tokens_per_s"], r0["counts"], same, flush=True)
+    for name in args.models:
+        path = checkpoint(name)
+        single = run_local_ranks(1, decode, name, path, "single", args.tokens, False, timeout_s=1200)[0]
+        rows.append((name, "single process (no parallelize)", 1, dict(single, base=single["tokens_per_s"])))
+        print(name, "single", single["tokens_per_s"], single["counts"], flush=True)
+        for world in [w for w in args.tp if w in WORLDS[name]]:
+            for mode in ("tp_aware", "naive"):
+                res = run_local_ranks(world, decode, name, path, mode, args.tokens, timeout_s=1800)
+                r0 = dict(res[0], same_tokens=all(r["tokens"] == single["tokens"] for r in res),
+                          ranks_agree=all(r["tokens"] == res[0]["tokens"] for r in res),
+                          peak_rss_mib=max(r["peak_rss_mib"] for r in res), base=single["tokens_per_s"])
+                rows.append((name, mode, world, r0))
+                print(name, world, mode, r0["tokens_per_s"], r0["counts"], r0["same_tokens"], flush=True)
 
-    base = single["tokens_per_s"]
     lines = ["# Tensor parallel decode, SmolLM2-135M GPTQ W4 g64 act_order (CPU, gloo: a one-machine simulation)", "",
              f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}; every "
              f"rank one thread on the same cores (TP=3 oversubscribes 2 cores); float activations; bare greedy "
              f"decode of {args.tokens} tokens after a 32-token prompt, static cache, decode step compiled with "
-             "backend=qcompile; median of 3. Per token = per decode step (30 decoder blocks).", "",
-             "| TP | path | tok/s | vs single | all_reduce / token | all_gather / token | runtime permutes / token | "
+             "backend=qcompile; median of 3. Per token = per decode step (SmolLM2: 30 decoder blocks; llama-768: 6).", "",
+             "| model | TP | path | tok/s | vs single | all_reduce / token | all_gather / token | runtime permutes / token | "
              "sharded linears on rank 0 (MiB, share) | peak RSS per rank (MiB) | tokens = single process |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for mode, world, r in rows:
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, mode, world, r in rows:
+        layers = LAYERS[name]
         c = r["counts"]
         share = (f"{r['local_sharded_bytes'] / 2**20:.1f} ({r['local_sharded_bytes'] / r['sharded_bytes']:.3f})"
                  if r.get("local_sharded_bytes") else "all")
-        lines.append(f"| {world} | {mode} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / base:.2f}x | "
+        lines.append(f"| {name} | {world} | {mode} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / r['base']:.2f}x | "
                      f"{c.get('all_reduce', 0)} ({c.get('all_reduce', 0) / layers:.0f}/block) | "
                      f"{c.get('all_gather_into_tensor', 0)} | {c.get('runtime_index', 0)} | {share} | "
                      f"{r['peak_rss_mib']:.0f} | {r.get('same_tokens', True)} |")
@@ -123,7 +147,7 @@ def main():
               "the act_order gathers of q/k/v and gate/up, whose input is replicated."]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")
-    Path(args.out + ".json").write_text(json.dumps([{"path": m, "tp": w, **r} for m, w, r in rows], indent=1))
+    Path(args.out + ".json").write_text(json.dumps([{"model": n, "path": m, "tp": w, **r} for n, m, w, r in rows], indent=1))
     print("\n".join(lines))
 
 

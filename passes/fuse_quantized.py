@@ -9,6 +9,10 @@ Check:        each tensor argument of every member is a graph input, and the mem
               storage order. Dynamo reuses a graph for every layer sharing its code; another
               layer's tensors are viewed the same way, or concatenated if they are not end to end.
 
+act_order siblings (GPTQ's q/k/v, gate/up: one Hessian, one input order) hold one perm tensor
+(`colocate_siblings`), which Dynamo passes as one graph input (guarding that it stays one object);
+their gathers ``index_select(x, -1, perm)`` are first merged into one, so they read the same input.
+
 The linear pass fuses the float layers it quantizes itself (passes/linear.py); this pass does the
 same for weights that arrive quantized, so both paths run one op per input.
 """
@@ -117,11 +121,32 @@ def _fuse_quik(graph: fx.Graph, ctx: PassContext, members: list[fx.Node], earlie
     return True
 
 
+def _merge_gathers(graph: fx.Graph) -> int:
+    """One node for identical activation gathers (same input, dim and index node); returns how many
+    were merged away."""
+    seen: dict = {}
+    merged = 0
+    for node in list(graph.nodes):
+        is_gather = (node.op == "call_method" and node.target == "index_select") or \
+            (node.op == "call_function" and node.target in (torch.index_select, torch.ops.aten.index_select.default))
+        if not is_gather or node.kwargs:
+            continue
+        key = (node.op, node.target, node.args)
+        if key in seen:
+            node.replace_all_uses_with(seen[key])
+            graph.erase_node(node)
+            merged += 1
+        else:
+            seen[key] = node
+    return merged
+
+
 def fuse_quantized(gm: fx.GraphModule, ctx: PassContext) -> str:
     """Fuse the quantized ops of `gm` that read the same input; returns a one-line summary."""
     if not ctx.fuse_projections:
         return "off (fuse_projections=False)"
     graph = gm.graph
+    gathers = _merge_gathers(graph)
     order = {n: i for i, n in enumerate(graph.nodes)}
     groups: dict = defaultdict(list)
     for node in graph.nodes:
@@ -148,4 +173,5 @@ def fuse_quantized(gm: fx.GraphModule, ctx: PassContext) -> str:
             ops += 1
     graph.lint()
     gm.recompile()
-    return f"{fused} quantized ops fused into {ops}" if ops else "no sibling quantized ops"
+    merged = f"; {gathers} act_order gathers merged" if gathers else ""
+    return (f"{fused} quantized ops fused into {ops}" if ops else "no sibling quantized ops") + merged

@@ -113,7 +113,7 @@ class QuantEmbedding(nn.Module):
 def _sibling_key(layer: QuantLinear):
     tensors = [getattr(layer, n) for n in layer._tensor_names]
     return (layer.layout, layer.consts, layer.in_features, layer.activations, layer._tensor_names,
-            tuple((t.dtype, t.device, tuple(t.shape[1:])) for t in tensors), layer.perm is None)
+            tuple((t.dtype, t.device, tuple(t.shape[1:])) for t in tensors), None if layer.perm is None else id(layer.perm))
 
 
 def colocate_siblings(model: nn.Module) -> int:
@@ -130,10 +130,12 @@ def colocate_siblings(model: nn.Module) -> int:
         quik = [c for c in parent.children() if isinstance(c, QuantLinear) and c.layout == "quik"]
         _share_indices(quik)
         moved += _colocate_quik(quik)
+        _share_perms([c for c in parent.children() if isinstance(c, QuantLinear) and c.perm is not None])
         groups: dict = {}
         for child in parent.children():
-            # act_order: x is gathered per layer; QUIK: its index tensors are not rows
-            if isinstance(child, QuantLinear) and child.perm is None and child.layout_op in ROW_BLOCK_OPS:
+            # act_order siblings join when they gather x by one perm (GPTQ: one Hessian, one order);
+            # QUIK: its index tensors are not rows
+            if isinstance(child, QuantLinear) and child.layout_op in ROW_BLOCK_OPS:
                 groups.setdefault(_sibling_key(child), []).append(child)
         for layers in groups.values():
             moved += _lay_end_to_end(layers, layers[0]._tensor_names)
@@ -177,6 +179,16 @@ def _share_indices(layers: list[QuantLinear]) -> None:
             if first.int_idx is not m.int_idx and first.int_idx.shape == m.int_idx.shape and \
                     torch.equal(first.int_idx, m.int_idx) and torch.equal(first.fp_idx, m.fp_idx):
                 m.int_idx, m.fp_idx = first.int_idx, first.fp_idx
+                break
+
+
+def _share_perms(layers: list[QuantLinear]) -> None:
+    """act_order siblings with equal input orders (q/k/v and gate/up under GPTQ: they share a Hessian)
+    hold one perm tensor, so the compiled graph gathers x once for all of them."""
+    for i, m in enumerate(layers):
+        for first in layers[:i]:
+            if first.perm is not m.perm and first.perm.shape == m.perm.shape and torch.equal(first.perm, m.perm):
+                m.perm = first.perm
                 break
 
 

@@ -86,3 +86,34 @@ def test_backend_compiles_a_model_quantized_with_act_order():
     report = qcompile.explain(model, ids)
     notes = {x.path: x.notes for x in report.linears}
     assert any("act_order" in n for n in notes["model.layers.0.self_attn.q_proj"])
+
+
+def test_siblings_with_one_input_order_gather_once_and_run_as_one_op():
+    """GPTQ gives q/k/v (and gate/up) one input order (one Hessian): colocate_siblings makes them hold
+    one perm tensor, the compiled graph gathers x once and runs each group as one op; layers with
+    their own order keep their own gather. Outputs as eager."""
+    from qcompile.modules import colocate_siblings
+
+    model = tiny_llama()
+    qcompile.quantize(model, RTNConfig(search="minmax"), progress=False)
+    gen = torch.Generator().manual_seed(0)
+    for block in model.model.layers:
+        for parent, shared_by in ((block.self_attn, ("q_proj", "k_proj", "v_proj")), (block.mlp, ("gate_proj", "up_proj"))):
+            order = torch.randperm(128, generator=gen)
+            for name, mod in list(parent.named_children()):
+                if not isinstance(mod, QuantLinear):
+                    continue
+                w = lowering.unpack(mod.packed_weight())
+                perm = order.clone() if name in shared_by else torch.randperm(w.in_features, generator=gen)
+                setattr(parent, name, QuantLinear(lowering.pack(
+                    Int4Weight(w.qweight.clone(), w.scales, w.zeros, w.group_size, w.bits, perm), "cpu", "int8")))
+    ids = torch.randint(0, 256, (2, 5), generator=gen)
+    eager = model(ids).logits
+    colocate_siblings(model)
+    attn = model.model.layers[0].self_attn
+    assert attn.q_proj.perm is attn.k_proj.perm is attn.v_proj.perm and attn.o_proj.perm is not attn.q_proj.perm
+    report = qcompile.explain(model, ids)
+    assert report.summary()["collectives"]["runtime_index"] == 2 * 4  # q/k/v, o, gate/up, down per block
+    assert "10 quantized ops fused into 4" in report.graphs[0].passes[-1].summary
+    out = torch.compile(model, backend=qcompile)(ids).logits
+    torch.testing.assert_close(out, eager, rtol=0, atol=1e-5 * eager.abs().max().item())
