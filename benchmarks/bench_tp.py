@@ -11,7 +11,9 @@ Per row: each rank reads its shard of the checkpoint (``qcompile.load(..., paral
 compiles the one-token decode step with ``backend=qcompile`` (static KV cache) and runs a bare
 greedy loop (bench_decode.bare_decode: median of 3 after a warm-up); collectives and runtime
 permutes per token from the decode graph's report (`qcompile.explain` on one token); sharded
-linear bytes on rank 0 and each rank's peak RSS after loading. "single process" is the model
+linear bytes on rank 0, and the peak memory loading added (each rank fills a meta-device model:
+its shard, the replicated parts, at most one whole block at a time; checkpoint tensors are read as
+needed, so the peak also holds the one being converted). "single process" is the model
 without parallelize (its down_proj gathers its act_order input). Decode tokens are compared with
 the single-process model's (float activations: ``cpu_activations="float"`` everywhere, so that
 greedy tokens can match exactly; see qcompile.parallel on int8 activations).
@@ -51,12 +53,22 @@ LAYERS = {"smollm2": 30, "llama-768": 6}
 WORLDS = {"smollm2": (1, 3), "llama-768": (1, 2, 3)}
 
 
-def skeleton(name: str):
-    if name == "smollm2":
-        return load_model()[0]
+def skeleton(name: str, meta: bool = False):
+    """The float model (meta=False: what `checkpoint` quantizes) or its shape on the meta device
+    (what a rank fills from the checkpoint: no float weights ever materialize)."""
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = load_model()[0].config if name == "smollm2" else LlamaConfig(**LLAMA_768)
+    if name == "smollm2" and not meta:
+        return load_model()[0]
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(**LLAMA_768)).eval()
+    with torch.device("meta" if meta else "cpu"):
+        return LlamaForCausalLM(config).eval()
+
+
+def rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def checkpoint(name: str) -> Path:
@@ -84,10 +96,11 @@ def decode(rank, world, name, path, mode, tokens, parallel=True):
     """One rank: load its shard, compile the decode step, time greedy decode."""
     from bench_decode import bare_decode, static_decode
 
-    model = skeleton(name)
+    model = skeleton(name, meta=True)
     kwargs = {"tp_aware": mode != "naive"} if parallel else {}
+    before = rss_mib()
     qcompile.load(model, path, cpu_activations="float", parallel=parallel or None, **kwargs)
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before  # what loading added at its peak
     ids = prompt_ids(name)
     counts = qcompile.explain(model, ids[:, :1]).summary()["collectives"]  # one token: the decode graph's structure
     torch._dynamo.reset()
@@ -130,7 +143,7 @@ def main():
              f"decode of {args.tokens} tokens after a 32-token prompt, static cache, decode step compiled with "
              "backend=qcompile; median of 3. Per token = per decode step (SmolLM2: 30 decoder blocks; llama-768: 6).", "",
              "| model | TP | path | tok/s | vs single | all_reduce / token | all_gather / token | runtime permutes / token | "
-             "sharded linears on rank 0 (MiB, share) | peak RSS per rank (MiB) | tokens = single process |",
+             "sharded linears on rank 0 (MiB, share) | peak memory added by loading, max over ranks (MiB) | tokens = single process |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, mode, world, r in rows:
         layers = LAYERS[name]
