@@ -2,6 +2,7 @@
 
     python benchmarks/bench_tp.py                 # TP = 1, 2, 3; TP-aware vs naive; writes results
     python benchmarks/bench_tp.py --tp 1 3 --tokens 32 --models smollm2
+    python benchmarks/bench_tp.py --memory        # per-rank memory of shard-at-load, a 24-block model
 
 A SIMULATION on one machine: every rank is a process on the same 2 cores, one thread each, talking
 over gloo on localhost; TP=3 oversubscribes the cores. The numbers show what the collectives and
@@ -11,9 +12,7 @@ Per row: each rank reads its shard of the checkpoint (``qcompile.load(..., paral
 compiles the one-token decode step with ``backend=qcompile`` (static KV cache) and runs a bare
 greedy loop (bench_decode.bare_decode: median of 3 after a warm-up); collectives and runtime
 permutes per token from the decode graph's report (`qcompile.explain` on one token); sharded
-linear bytes on rank 0, and the peak memory loading added (each rank fills a meta-device model:
-its shard, the replicated parts, at most one whole block at a time; checkpoint tensors are read as
-needed, so the peak also holds the one being converted). "single process" is the model
+linear bytes on rank 0 (memory per rank: --memory). Each rank fills a meta-device model. "single process" is the model
 without parallelize (its down_proj gathers its act_order input). Decode tokens are compared with
 the single-process model's (float activations: ``cpu_activations="float"`` everywhere, so that
 greedy tokens can match exactly; see qcompile.parallel on int8 activations).
@@ -30,7 +29,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import sys
 import time
 from pathlib import Path
@@ -38,6 +36,7 @@ from pathlib import Path
 import torch
 
 import qcompile
+from qcompile import lowering
 from qcompile.parallel.local import run_local_ranks
 from qcompile.tools import devset
 from qcompile.tools.models import load_model
@@ -49,6 +48,7 @@ CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qcompi
 
 LLAMA_768 = dict(vocab_size=8192, hidden_size=768, intermediate_size=2304, num_hidden_layers=6,
                  num_attention_heads=12, num_key_value_heads=6, max_position_embeddings=512, tie_word_embeddings=False)
+LLAMA_768_DEEP = dict(LLAMA_768, num_hidden_layers=24, intermediate_size=3072)
 LAYERS = {"smollm2": 30, "llama-768": 6}
 WORLDS = {"smollm2": (1, 3), "llama-768": (1, 2, 3)}
 
@@ -66,9 +66,16 @@ def skeleton(name: str, meta: bool = False):
         return LlamaForCausalLM(config).eval()
 
 
-def rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def rss_mib(field: str = "VmRSS") -> float:
+    """This process's resident memory (VmRSS) or its peak since `reset_peak` (VmHWM), MiB. Not
+    ru_maxrss: Linux keeps that across exec, so a spawned rank would report its parent's peak."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
+
+
+def reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
 
 
 def checkpoint(name: str) -> Path:
@@ -98,9 +105,7 @@ def decode(rank, world, name, path, mode, tokens, parallel=True):
 
     model = skeleton(name, meta=True)
     kwargs = {"tp_aware": mode != "naive"} if parallel else {}
-    before = rss_mib()
     qcompile.load(model, path, cpu_activations="float", parallel=parallel or None, **kwargs)
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before  # what loading added at its peak
     ids = prompt_ids(name)
     counts = qcompile.explain(model, ids[:, :1]).summary()["collectives"]  # one token: the decode graph's structure
     torch._dynamo.reset()
@@ -110,9 +115,58 @@ def decode(rank, world, name, path, mode, tokens, parallel=True):
     wall = time.perf_counter() - t
     par = getattr(model, "qcompile_parallel", None)
     d = par.to_dict() if par is not None else {}
-    return {"tokens_per_s": tps, "tokens": [int(x) for x in out], "counts": counts, "peak_rss_mib": peak_mib,
+    return {"tokens_per_s": tps, "tokens": [int(x) for x in out], "counts": counts,
             "local_sharded_bytes": d.get("local_sharded_bytes"), "sharded_bytes": d.get("sharded_bytes"),
             "replicated_bytes": d.get("replicated_bytes"), "wall_s": wall}
+
+
+def memory(rank, world, path):
+    """One rank fills a meta-device model from the checkpoint (its shard only when world > 1):
+    the peak memory loading added, and what stays resident after."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**LLAMA_768_DEEP)).eval()
+    lowering.cpu_kernels.load()  # the kernels' build and libraries are not the model's memory
+    before = rss_mib()
+    reset_peak()
+    qcompile.load(model, path, parallel=True if world > 1 else None)
+    peak = rss_mib("VmHWM") - before
+    par = getattr(model, "qcompile_parallel", None)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in [*model.parameters(), *model.buffers()] if t is not None}
+    return {"peak_mib": peak, "resident_mib": rss_mib() - before, "live_mib": sum(storages.values()) / 2**20,
+            "local_sharded_mib": par.to_dict()["local_sharded_bytes"] / 2**20 if par else None}
+
+
+def memory_table(worlds, out: str) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = CACHE / "llama-768-deep_rtn_g64"
+    if not (path / "qcompile.json").is_file():
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(**LLAMA_768_DEEP)).eval()
+        qcompile.quantize(model, qcompile.RTNConfig(group_size=64))
+        qcompile.save(model, path)
+        del model
+    file_mib = (path / "model.safetensors").stat().st_size / 2**20
+    lines = ["# Memory per rank when each rank reads its shard (`qcompile.load(meta_model, path, parallel=True)`)", "",
+             f"A random Llama, 24 blocks, hidden 768, 12/6 heads, intermediate 3072, RTN int4 g64 (file {file_mib:.0f} MiB; "
+             "embeddings and lm_head float32, replicated: 48 MiB). Each rank fills a meta-device model; MiB added to "
+             "the process by loading (RSS), max over ranks, with QCOMPILE_KEEP_FREED_MEMORY=0; the model's tensors: "
+             "the storages its parameters and buffers hold on the rank.", "",
+             "| TP | model tensors on the rank | of which sharded linears | RSS added, peak while loading | RSS added, after |",
+             "|---|---|---|---|---|"]
+    # glibc's defaults, so that freed memory leaves the process (qcompile/malloc.py keeps it by default)
+    os.environ["QCOMPILE_KEEP_FREED_MEMORY"] = "0"
+    for world in worlds:
+        res = run_local_ranks(world, memory, path, timeout_s=900)
+        peak, resident = max(r["peak_mib"] for r in res), max(r["resident_mib"] for r in res)
+        local, live = res[0]["local_sharded_mib"], max(r["live_mib"] for r in res)
+        lines.append(f"| {world} | {live:.0f} | {'all' if local is None else f'{local:.0f}'} | {peak:.0f} | {resident:.0f} |")
+        print(lines[-1], flush=True)
+    Path(out + "_memory.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def main():
@@ -121,7 +175,10 @@ def main():
     ap.add_argument("--models", nargs="+", default=["smollm2", "llama-768"], choices=list(LAYERS))
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--out", default=str(HERE / "results" / "tp_cpu"))
+    ap.add_argument("--memory", action="store_true", help="only the shard-at-load memory table")
     args = ap.parse_args()
+    if args.memory:
+        return memory_table(args.tp, args.out)
     rows = []
     for name in args.models:
         path = checkpoint(name)
@@ -132,8 +189,7 @@ def main():
             for mode in ("tp_aware", "naive"):
                 res = run_local_ranks(world, decode, name, path, mode, args.tokens, timeout_s=1800)
                 r0 = dict(res[0], same_tokens=all(r["tokens"] == single["tokens"] for r in res),
-                          ranks_agree=all(r["tokens"] == res[0]["tokens"] for r in res),
-                          peak_rss_mib=max(r["peak_rss_mib"] for r in res), base=single["tokens_per_s"])
+                          ranks_agree=all(r["tokens"] == res[0]["tokens"] for r in res), base=single["tokens_per_s"])
                 rows.append((name, mode, world, r0))
                 print(name, world, mode, r0["tokens_per_s"], r0["counts"], r0["same_tokens"], flush=True)
 
@@ -143,8 +199,8 @@ def main():
              f"decode of {args.tokens} tokens after a 32-token prompt, static cache, decode step compiled with "
              "backend=qcompile; median of 3. Per token = per decode step (SmolLM2: 30 decoder blocks; llama-768: 6).", "",
              "| model | TP | path | tok/s | vs single | all_reduce / token | all_gather / token | runtime permutes / token | "
-             "sharded linears on rank 0 (MiB, share) | peak memory added by loading, max over ranks (MiB) | tokens = single process |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "sharded linears on rank 0 (MiB, share) | tokens = single process |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, mode, world, r in rows:
         layers = LAYERS[name]
         c = r["counts"]
@@ -153,7 +209,7 @@ def main():
         lines.append(f"| {name} | {world} | {mode} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / r['base']:.2f}x | "
                      f"{c.get('all_reduce', 0)} ({c.get('all_reduce', 0) / layers:.0f}/block) | "
                      f"{c.get('all_gather_into_tensor', 0)} | {c.get('runtime_index', 0)} | {share} | "
-                     f"{r['peak_rss_mib']:.0f} | {r.get('same_tokens', True)} |")
+                     f"{r.get('same_tokens', True)} |")
     lines += ["", "tp_aware: down_proj's act_order permutation folded into gate/up (no collective, no permute); "
               "o_proj's columns regrouped per rank (no collective, one local index). naive: every act_order "
               "row-parallel layer all-gathers its input, permutes and slices. The remaining runtime permutes are "
