@@ -137,7 +137,7 @@ class Sharder:
         self.world, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
         self.report = ParallelReport(self.world, self.rank, tp_aware, self.act_order_rows)
         self.blocks = {path: (m, kind) for path, m, kind in _find_blocks(model)}
-        _check_divisible([(p, m, k) for p, (m, k) in self.blocks.items()], self.world)
+        _check_shardable([(p, m, k) for p, (m, k) in self.blocks.items()], self.world)
         self.done: set[str] = set()
         self.ready: dict[str, set[str]] = {}  # block path -> its linears loaded so far
 
@@ -167,13 +167,7 @@ class Sharder:
     def _shard_block(self, path: str) -> None:
         module, kind = self.blocks[path]
         self.done.add(path)
-        _check_divisible([(path, module, kind)], self.world)  # the weights may have arrived since __init__
-        for name in _NAMES[kind]:
-            if isinstance(getattr(module, name), QuantLinear) and getattr(module, name).layout == "quik":
-                raise NotImplementedError(
-                    f"qcompile.parallelize: {path}.{name} is a QUIK layer; tensor parallelism does not shard QUIK "
-                    "weights yet (QUIK quantizes each token's activations over the whole input row, which a "
-                    "row-parallel shard does not see). Quantize with GPTQConfig/RTNConfig/GANQConfig to run tensor parallel.")
+        _check_shardable([(path, module, kind)], self.world)  # the weights may have arrived since __init__
         if self.tp_aware and kind != "attention":
             from qcompile.passes.tp_fold import fold_permutations
             for record in fold_permutations(module):
@@ -231,8 +225,15 @@ def _head_dim(attn: nn.Module) -> int:
     return d
 
 
-def _check_divisible(blocks, world: int) -> None:
+def _check_shardable(blocks, world: int) -> None:
+    """Raise, before anything changes, for a block that cannot split over `world` ranks."""
     for path, m, kind in blocks:
+        for name in _NAMES[kind]:
+            if isinstance(getattr(m, name), QuantLinear) and getattr(m, name).layout == "quik":
+                raise NotImplementedError(
+                    f"qcompile.parallelize: {path}.{name} is a QUIK layer; tensor parallelism does not shard QUIK "
+                    "weights yet (QUIK quantizes each token's activations over the whole input row, which a "
+                    "row-parallel shard does not see). Quantize with GPTQConfig/RTNConfig/GANQConfig to run tensor parallel.")
         if kind == "attention":
             d = _head_dim(m)
             hq, hkv = m.q_proj.out_features // d, m.k_proj.out_features // d
