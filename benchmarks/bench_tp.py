@@ -128,14 +128,15 @@ def memory(rank, world, path):
     with torch.device("meta"):
         model = LlamaForCausalLM(LlamaConfig(**LLAMA_768_DEEP)).eval()
     lowering.cpu_kernels.load()  # the kernels' build and libraries are not the model's memory
-    before = rss_mib()
+    before, anon_before = rss_mib(), rss_mib("RssAnon")
     reset_peak()
     qcompile.load(model, path, parallel=True if world > 1 else None)
     peak = rss_mib("VmHWM") - before
+    anon = rss_mib("RssAnon") - anon_before
     par = getattr(model, "qcompile_parallel", None)
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
                 for t in [*model.parameters(), *model.buffers()] if t is not None}
-    return {"peak_mib": peak, "resident_mib": rss_mib() - before, "live_mib": sum(storages.values()) / 2**20,
+    return {"peak_mib": peak, "resident_mib": rss_mib() - before, "anon_mib": anon, "live_mib": sum(storages.values()) / 2**20,
             "local_sharded_mib": par.to_dict()["local_sharded_bytes"] / 2**20 if par else None}
 
 
@@ -154,16 +155,18 @@ def memory_table(worlds, out: str) -> None:
              f"A random Llama, 24 blocks, hidden 768, 12/6 heads, intermediate 3072, RTN int4 g64 (file {file_mib:.0f} MiB; "
              "embeddings and lm_head float32, replicated: 48 MiB). Each rank fills a meta-device model; MiB added to "
              "the process by loading (RSS), max over ranks, with QCOMPILE_KEEP_FREED_MEMORY=0; the model's tensors: "
-             "the storages its parameters and buffers hold on the rank.", "",
-             "| TP | model tensors on the rank | of which sharded linears | RSS added, peak while loading | RSS added, after |",
-             "|---|---|---|---|---|"]
+             "the storages its parameters and buffers hold on the rank; private (RssAnon): RSS without the "
+             "checkpoint pages safetensors maps (file pages, shared by the ranks).", "",
+             "| TP | model tensors on the rank | of which sharded linears | RSS added, peak while loading | RSS added, after | of which private (RssAnon) |",
+             "|---|---|---|---|---|---|"]
     # glibc's defaults, so that freed memory leaves the process (qcompile/malloc.py keeps it by default)
     os.environ["QCOMPILE_KEEP_FREED_MEMORY"] = "0"
     for world in worlds:
         res = run_local_ranks(world, memory, path, timeout_s=900)
         peak, resident = max(r["peak_mib"] for r in res), max(r["resident_mib"] for r in res)
         local, live = res[0]["local_sharded_mib"], max(r["live_mib"] for r in res)
-        lines.append(f"| {world} | {live:.0f} | {'all' if local is None else f'{local:.0f}'} | {peak:.0f} | {resident:.0f} |")
+        anon = max(r["anon_mib"] for r in res)
+        lines.append(f"| {world} | {live:.0f} | {'all' if local is None else f'{local:.0f}'} | {peak:.0f} | {resident:.0f} | {anon:.0f} |")
         print(lines[-1], flush=True)
     Path(out + "_memory.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -409,3 +409,38 @@ def test_groups_that_would_straddle_ranks_are_refused_before_anything_changes():
     with FakeGroup(0, 4), pytest.raises(ValueError, match=r"64 input columns .* whole groups of 128"):
         qcompile.parallelize(model)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_a_rank_reads_only_its_rows_and_columns_and_gets_the_same_shard(tmp_path, world):
+    """Without act_order, each rank reads its slices of the file (safetensors get_slice); the shard
+    it builds computes exactly what sharding the whole loaded model gives. Mixed formats."""
+    model = tiny_llama(0, hidden_size=256, intermediate_size=512, num_attention_heads=8, num_key_value_heads=4,
+                       attention_bias=True, tie_word_embeddings=False)
+    qcompile.quantize(model, RTNConfig(group_size=32, cpu_activations="float"), progress=False)
+    _swap(model, "model.layers.0.mlp.gate_proj", lut_weight(512, 256, 1))
+    _swap(model, "model.layers.0.self_attn.o_proj", int8_weight(256, 256, 32, 3, perm=False), "float")
+    qcompile.save(model, tmp_path)
+
+    def skeleton():
+        with torch.device("meta"):
+            return tiny_llama(0, hidden_size=256, intermediate_size=512, num_attention_heads=8,
+                              num_key_value_heads=4, attention_bias=True, tie_word_embeddings=False)
+
+    for rank in range(world):
+        with FakeGroup(rank, world):
+            sliced = qcompile.load(skeleton(), tmp_path, parallel=True)
+            whole = qcompile.parallelize(qcompile.load(skeleton(), tmp_path))
+        notes = {x.path: x.notes for x in sliced.qcompile_parallel.layers}
+        assert notes["model.layers.0.self_attn.q_proj"] == ["read as this rank's rows"]
+        assert notes["model.layers.1.mlp.down_proj"] == ["read as this rank's columns"]
+        for path, m in sliced.named_modules():
+            if isinstance(m, QuantLinear):
+                other = whole.get_submodule(path)
+                x = torch.randn(3, m.in_features)
+                torch.testing.assert_close(m(x), other(x), rtol=0, atol=0)
+                assert m.out_features == other.out_features and m.in_features == other.in_features
+            if hasattr(m, "all_reduce_sum") or type(m).__name__ == "RowParallelLinear":
+                torch.testing.assert_close(m.bias, whole.get_submodule(path).bias, rtol=0, atol=0)
+        shapes = {x.path: (x.shape, x.local_shape) for x in sliced.qcompile_parallel.layers}
+        assert shapes == {x.path: (x.shape, x.local_shape) for x in whole.qcompile_parallel.layers}

@@ -23,6 +23,7 @@ from .. import lowering
 from ..config import CPU_ACTIVATIONS, QuantConfig, cpu_activations_for
 from ..errors import CheckpointError
 from . import FORMATS, gptq_hf, standalone
+from .slicing import file_slices
 from ..modules import (QuantEmbedding, QuantLinear, _path_of, _set_module, colocate_siblings, holds_own_tensors,
                        linear_modules)
 from .gptq_checkpoint import load_gptq, save_gptq
@@ -132,8 +133,9 @@ def load(model: nn.Module, path: str | Path, *, device: torch.device | str | Non
     layer was saved with (files from before the setting: the saved config's, else QuantConfig's
     default, as for GPTQ checkpoints).
     `parallel` (a ProcessGroup, a 1-D DeviceMesh, or True for the default group): tensor parallel
-    as `qcompile.parallelize`, each block sharded as soon as it is read, so a rank holds its shard,
-    the replicated parts and at most one whole block (`tp_aware`, `act_order_rows` as there).
+    as `qcompile.parallelize`: a rank reads its rows / columns of layers without act_order as slices
+    of the file, other layers whole, each block sharded as soon as it is read; it keeps its shard and
+    the replicated parts (`tp_aware`, `act_order_rows` as there).
     Raises `CheckpointError` for a missing, corrupted or mismatched checkpoint.
     """
     if cpu_activations is not None and cpu_activations not in CPU_ACTIVATIONS:
@@ -196,7 +198,15 @@ def load(model: nn.Module, path: str | Path, *, device: torch.device | str | Non
                 names.append("zeros")
             if lmeta.get("act_order"):
                 names.append("perm")
-        fields = {t: get(f"{lpath}.{t}") for t in names}
+        # a tensor-parallel rank reads only its rows / columns where the file layout allows
+        plan = sharder.read_plan(lpath, meta["layers"]) if sharder is not None else None
+        slices = file_slices(lmeta, *plan) if plan is not None else None
+        if slices is None:
+            fields = {t: get(f"{lpath}.{t}") for t in names}
+        else:
+            # a slice may view the whole tensor (safetensors maps the file): own copies, so only the shard stays
+            fields = {t: f.get_slice(f"{lpath}.{t}")[slices[t]].clone(memory_format=torch.contiguous_format)
+                      if t in slices else get(f"{lpath}.{t}") for t in names}
         used.update(f"{lpath}.{t}" for t in names)
         fields["group_size"] = lmeta.get("group_size")
         if lmeta["format"] == "int4":
@@ -209,6 +219,8 @@ def load(model: nn.Module, path: str | Path, *, device: torch.device | str | Non
         if bias is not None:
             used.add(f"{lpath}.bias")
             bias = bias.to(device)
+            if slices is not None and plan[0] == "rows":
+                bias = bias[plan[1]:plan[2]]
         # the layer's own setting as saved; else (an override, or a file from before the setting) the config's
         acts = (lmeta.get("cpu_activations") if cpu_activations is None else None) or \
             cpu_activations_for(cpu_activations or saved, lpath, lmeta["format"])
@@ -216,7 +228,7 @@ def load(model: nn.Module, path: str | Path, *, device: torch.device | str | Non
         if sharder is not None:
             for t in names:  # the layer holds them now; after sharding, only its shard stays
                 loaded.pop(f"{lpath}.{t}", None)
-            sharder.layer_ready(lpath)
+            sharder.layer_ready(lpath, local=(n, k) if slices is not None else None)
 
     for emb_path, head_path in meta.get("tied_embeddings", {}).items():
         emb = model.get_submodule(emb_path)

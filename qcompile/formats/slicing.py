@@ -126,3 +126,26 @@ def regrouped_bytes(counts: Tensor, size: int, rows: int, code_bits: int, group_
     plus `group_bytes` (scale and zero-point) per new group and row."""
     chunks = int(((counts + size - 1) // size).sum())
     return rows * chunks * (size * code_bits // 8 + group_bytes)
+
+
+def file_slices(meta: dict, axis: str, start: int, end: int) -> dict[str, tuple] | None:
+    """What to read of a layer's file tensors (qcompile's checkpoint layout, `meta` as saved) for
+    output rows (axis="rows") or stored input columns (axis="cols") ``start..end-1``: a slice tuple
+    per tensor name (absent: read whole), or None where the file layout does not slice that way
+    (act_order columns, 3-bit dense lookup codes, sparse outliers, QUIK)."""
+    fmt, group = meta.get("format"), meta.get("group_size")
+    if fmt not in ("int4", "int8", "lut") or meta.get("outliers"):
+        return None
+    names = {"int4": ("qweight", "scales", "zeros"), "int8": ("qweight", "scales", "zeros"),
+             "lut": ("codes", "tables")}[fmt]
+    if axis == "rows":
+        return {n: (slice(start, end),) for n in names}
+    if meta.get("act_order") or (fmt == "lut" and meta.get("bits") == 3) or start % 2 or end % 2:
+        return None
+    if group and (start % group or end % group):
+        return None
+    packed = slice(start // 2, end // 2) if fmt in ("int4", "lut") else slice(start, end)
+    out = {names[0]: (slice(None), packed)}
+    if fmt != "lut" and group:
+        out.update({n: (slice(None), slice(start // group, end // group)) for n in names[1:]})
+    return out

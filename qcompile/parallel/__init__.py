@@ -140,9 +140,39 @@ class Sharder:
         _check_shardable([(p, m, k) for p, (m, k) in self.blocks.items()], self.world)
         self.done: set[str] = set()
         self.ready: dict[str, set[str]] = {}  # block path -> its linears loaded so far
+        self.local: dict[str, tuple] = {}     # layer path -> whole (out, in): read as this rank's shard
 
-    def layer_ready(self, path: str) -> None:
-        """Linear `path` now holds its weights: shard its block if that was the block's last one."""
+    def read_plan(self, path: str, layers_meta: dict) -> tuple[str, int, int] | None:
+        """("rows" | "cols", start, end): the part of checkpoint layer `path` this rank needs, or None
+        to read it whole (act_order columns, rows the fold will permute, layers outside the blocks)."""
+        parent, _, name = path.rpartition(".")
+        if self.world == 1 or parent not in self.blocks:
+            return None
+        kind = self.blocks[parent][1]
+        *columns, row = _NAMES[kind]
+        meta = layers_meta[path]
+        if meta.get("format") == "quik" or name not in _NAMES[kind]:
+            return None
+        if name in columns:
+            if kind != "attention" and self.tp_aware and layers_meta.get(f"{parent}.{row}", {}).get("act_order"):
+                return None  # the fold orders these rows by down_proj's perm
+            n = meta["out_features"]
+            return "rows", self.rank * n // self.world, (self.rank + 1) * n // self.world
+        if meta.get("act_order"):
+            return None
+        k, group = meta["in_features"], meta.get("group_size")
+        start, end = self.rank * k // self.world, (self.rank + 1) * k // self.world
+        if group and (k // self.world) % group:
+            raise ValueError(f"{parent}: each rank's {k // self.world} input columns of its row-parallel layer are "
+                             f"not whole groups of {group}; use a world size T with ({k} / T) % {group} == 0, "
+                             "or quantize with a smaller group_size")
+        return "cols", start, end
+
+    def layer_ready(self, path: str, local: tuple | None = None) -> None:
+        """Linear `path` now holds its weights (`local`: the whole layer's (out, in) when it holds
+        this rank's shard already): shard its block if that was the block's last one."""
+        if local is not None:
+            self.local[path] = local
         parent = path.rpartition(".")[0]
         if parent in self.blocks and parent not in self.done:
             module, kind = self.blocks[parent]
@@ -167,7 +197,8 @@ class Sharder:
     def _shard_block(self, path: str) -> None:
         module, kind = self.blocks[path]
         self.done.add(path)
-        _check_shardable([(path, module, kind)], self.world)  # the weights may have arrived since __init__
+        if not any(f"{path}.{n}" in self.local for n in _NAMES[kind]):  # whole layers: checkable now
+            _check_shardable([(path, module, kind)], self.world)  # the weights may have arrived since __init__
         if self.tp_aware and kind != "attention":
             from qcompile.passes.tp_fold import fold_permutations
             for record in fold_permutations(module):
@@ -178,11 +209,24 @@ class Sharder:
         *columns, row = _NAMES[kind]
         for name in columns:
             layer = getattr(module, name)
-            n = layer.out_features
-            new, rep = _column_shard(layer, self.rank * n // self.world, (self.rank + 1) * n // self.world)
-            setattr(module, name, new)
+            if f"{path}.{name}" in self.local:  # read as this rank's rows
+                whole = self.local[f"{path}.{name}"]
+                rep = ShardReport("", "column", whole, _shape(layer), _bytes(layer) * whole[0] // layer.out_features,
+                                  _bytes(layer), notes=["read as this rank's rows"])
+            else:
+                n = layer.out_features
+                layer, rep = _column_shard(layer, self.rank * n // self.world, (self.rank + 1) * n // self.world)
+                setattr(module, name, layer)
             self.report.layers.append(_named(rep, f"{path}.{name}"))
-        new, rep = _row_shard(getattr(module, row), self.group, self.world, self.rank, self.act_order_rows)
+        if f"{path}.{row}" in self.local:  # read as this rank's columns
+            layer, whole = getattr(module, row), self.local[f"{path}.{row}"]
+            local = QuantLinear(layer.packed_weight(), None, layer.cpu_activations)
+            new = RowParallelLinear(local, None if layer.bias is None else layer.bias.data, self.group.group_name,
+                                    self.world, reduce_float32=dist.get_backend(self.group) == "gloo")
+            rep = ShardReport("", "row", whole, (whole[0], layer.in_features), _bytes(local) * whole[1] // layer.in_features,
+                              _bytes(local), notes=["read as this rank's columns"])
+        else:
+            new, rep = _row_shard(getattr(module, row), self.group, self.world, self.rank, self.act_order_rows)
         setattr(module, row, new)
         self.report.layers.append(_named(rep, f"{path}.{row}"))
         if kind == "attention":
