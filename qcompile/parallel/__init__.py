@@ -162,10 +162,7 @@ class Sharder:
             return None
         k, group = meta["in_features"], meta.get("group_size")
         start, end = self.rank * k // self.world, (self.rank + 1) * k // self.world
-        if group and (k // self.world) % group:
-            raise ValueError(f"{parent}: each rank's {k // self.world} input columns of its row-parallel layer are "
-                             f"not whole groups of {group}; use a world size T with ({k} / T) % {group} == 0, "
-                             "or quantize with a smaller group_size")
+        _check_row_groups(parent, k, group, self.world)
         return "cols", start, end
 
     def layer_ready(self, path: str, local: tuple | None = None) -> None:
@@ -221,8 +218,7 @@ class Sharder:
         if f"{path}.{row}" in self.local:  # read as this rank's columns
             layer, whole = getattr(module, row), self.local[f"{path}.{row}"]
             local = QuantLinear(layer.packed_weight(), None, layer.cpu_activations)
-            new = RowParallelLinear(local, None if layer.bias is None else layer.bias.data, self.group.group_name,
-                                    self.world, reduce_float32=dist.get_backend(self.group) == "gloo")
+            new = _row_parallel(local, None if layer.bias is None else layer.bias.data, self.group, self.world)
             rep = ShardReport("", "row", whole, (whole[0], layer.in_features), _bytes(local) * whole[1] // layer.in_features,
                               _bytes(local), notes=["read as this rank's columns"])
         else:
@@ -293,10 +289,15 @@ def _check_shardable(blocks, world: int) -> None:
         row = m.o_proj if kind == "attention" else m.down_proj
         # contiguous groups must not straddle two ranks (act_order o_proj is regrouped: any split works)
         group = row.format_meta.get("group_size") if isinstance(row, QuantLinear) else None
-        if group and (kind != "attention" or row.perm is None) and (row.in_features // world) % group:
-            raise ValueError(f"{path}: each rank's {row.in_features // world} input columns of its row-parallel layer "
-                             f"are not whole groups of {group}; use a world size T with "
-                             f"({row.in_features} / T) % {group} == 0, or quantize with a smaller group_size")
+        if group and (kind != "attention" or row.perm is None):
+            _check_row_groups(path, row.in_features, group, world)
+
+
+def _check_row_groups(path: str, in_features: int, group: int | None, world: int) -> None:
+    if group and (in_features // world) % group:
+        raise ValueError(f"{path}: each rank's {in_features // world} input columns of its row-parallel layer "
+                         f"are not whole groups of {group}; use a world size T with "
+                         f"({in_features} / T) % {group} == 0, or quantize with a smaller group_size")
 
 
 def _set_local_heads(attn: nn.Module, world: int) -> None:
@@ -380,6 +381,10 @@ def _column_shard(layer: nn.Module, start: int, end: int) -> tuple[nn.Module, Sh
                             runtime_index=bool(notes), notes=notes)
 
 
+def _row_parallel(local: nn.Module, bias, group, world: int, **kwargs) -> RowParallelLinear:
+    return RowParallelLinear(local, bias, group.group_name, world, reduce_float32=dist.get_backend(group) == "gloo", **kwargs)
+
+
 def _row_shard(layer: nn.Module, group, world: int, rank: int, act_order_rows: str) -> tuple[nn.Module, ShardReport]:
     k = layer.in_features
     c0, c1 = rank * k // world, (rank + 1) * k // world
@@ -408,8 +413,7 @@ def _row_shard(layer: nn.Module, group, world: int, rank: int, act_order_rows: s
             notes.append(f"act_order: columns regrouped per rank ({local.in_features} for {c1 - c0} inputs, groups of "
                          f"{size} instead of {weight.group_size}), one runtime index, no collective")
     new_local = _rebuild(layer, local, None)
-    new = RowParallelLinear(new_local, bias, group.group_name, world,
-                            input_index=None if index is None else index.to(_device(layer)), pad=pad, gather=gather,
-                            reduce_float32=dist.get_backend(group) == "gloo")
+    new = _row_parallel(new_local, bias, group, world, input_index=None if index is None else index.to(_device(layer)),
+                        pad=pad, gather=gather)
     return new, ShardReport("", "row", _shape(layer), (new.out_features, c1 - c0), _bytes(layer), _bytes(new_local),
                             runtime_index=index is not None, all_gather=gather, notes=notes)
