@@ -6,6 +6,7 @@
     qcompile.quantize(model)                                     # quantize ahead of time, in place
     qcompile.quantize(model, qcompile.GPTQConfig(bits=3), calibration=texts, tokenizer=tok)  # GPTQ
     qcompile.quantize(model, qcompile.QUIKConfig(), calibration=texts, tokenizer=tok)  # W4A4 + outliers
+    qcompile.quantize(model, qcompile.DLQATConfig(bits=3), calibration=texts, tokenizer=tok)  # low-rank QAT
     qcompile.save(model, "out/"); qcompile.load(model, "out/")  # safetensors + JSON
     print(qcompile.explain(model, input_ids))                    # what the compiler did, and why
     qcompile.parallelize(model)                                  # tensor parallel (torch.distributed)
@@ -28,7 +29,7 @@ from . import ops  # noqa: E402  (registers torch.ops.qcompile.*)
 from . import lowering  # noqa: E402  (registers kernels)
 from ._compat import route_generate_through_compiled_forward as _route_generate  # noqa: E402
 from .backend import DEFAULT as _DEFAULT_BACKEND, Backend, backend  # noqa: E402
-from .config import AttentionConfig, GANQConfig, GPTQConfig, QuantConfig, QUIKConfig, RTNConfig, default_config  # noqa: E402
+from .config import AttentionConfig, DLQATConfig, GANQConfig, GPTQConfig, QuantConfig, QUIKConfig, RTNConfig, default_config  # noqa: E402
 from .explain import explain  # noqa: E402
 from .methods.gqa import GQAConfig, convert_to_gqa  # noqa: E402
 from .quantize import quantize  # noqa: E402
@@ -36,9 +37,10 @@ from .errors import CheckpointError  # noqa: E402
 from .report import Report  # noqa: E402
 from .formats.checkpoint import load, save  # noqa: E402
 from .parallel import parallelize  # noqa: E402
+from . import qat  # noqa: E402
 
 __all__ = ["backend", "Backend", "quantize", "save", "load", "explain", "parallelize", "Report", "CheckpointError",
-           "QuantConfig", "RTNConfig", "GPTQConfig", "GANQConfig", "QUIKConfig", "default_config", "AttentionConfig", "GQAConfig",
+           "QuantConfig", "RTNConfig", "GPTQConfig", "DLQATConfig", "qat", "GANQConfig", "QUIKConfig", "default_config", "AttentionConfig", "GQAConfig",
            "convert_to_gqa"]
 __version__ = "0.1.0"
 

@@ -404,7 +404,94 @@ class QUIKConfig(CalibratedConfig):
         return d
 
 
-CONFIGS: dict[str, type[QuantConfig]] = {"rtn": RTNConfig, "gptq": GPTQConfig, "ganq": GANQConfig, "quik": QUIKConfig}
+@dataclass(frozen=True)
+class DLQATConfig(QuantConfig):
+    """DL-QAT (Ke et al., EMNLP 2024 Industry): low-rank quantization-aware training of a 2-4 bit
+    grid, merged into the plain int4 format (`qcompile.qat`, which documents the exact form).
+
+    Applied by ``qcompile.quantize(model, DLQATConfig(...), calibration=...)`` (calibration may be
+    omitted: the text that ships with qcompile is used), or step by step with
+    `qcompile.qat.prepare` / `train` / `convert`. Per int4 layer, only a magnitude per group (the
+    group's step is m·s0) and LoRA factors inside the rounding are trained; everything else is frozen.
+    The model is distilled from its own float copy (KL divergence on the logits).
+
+    Attributes:
+        bits: 2, 3 or 4 (stored as 4-bit codes, served by the int4 kernels).
+        group_size: 32, 64, 128, 256, or None (-1) for one grid per output channel.
+        rank: LoRA rank per layer (the factors are [out, rank] and [rank, in]); 0 trains magnitudes only.
+        lora_alpha: the LoRA term is (lora_alpha / rank)·B·A, in code units.
+        init: the post-training grid training starts from: ``"gptq"`` (GPTQ with act_order, the
+            `GPTQConfig` defaults otherwise; its permutation is kept) or ``"rtn"`` (round to nearest
+            on GPTQ's min/max grid with clip search; data-free, seconds).
+        sym: symmetric initial grid. Asymmetric by default; zero-points are integers either way.
+        scale_dtype: float16 by default (QuantConfig's bfloat16 has 8 bits of mantissa: a magnitude
+            would move in 0.4% steps; float16 gives 0.05%).
+        steps: optimizer steps (each `batch_size` windows of `seqlen` tokens).
+        batch_size, seqlen: windows per step and their length in tokens.
+        lr: learning rate of the LoRA factors (AdamW, betas 0.9/0.95, warm-up then cosine decay).
+        magnitude_lr: learning rate of the per-group magnitudes (relative units: they start at 1).
+        heldout: fraction of the training windows held out; the state with the lowest held-out KL
+            divergence (checked every `eval_every` steps) is the one kept.
+        distill_topk: the float model's top-k log-probabilities per token are cached once; the loss
+            is the KL divergence over those k tokens plus one bucket for the rest of the vocabulary.
+        seed: seeds the LoRA initialisation and the order of training windows.
+        compile: build each layer's fake-quantized weight with a `torch.compile`d function
+            (fuses round/clamp/scale into one pass, forward and backward).
+    """
+
+    bits: int = 4
+    group_size: int | None = 64
+    rank: int = 8
+    lora_alpha: float = 8.0
+    init: str = "gptq"
+    scale_dtype: torch.dtype = torch.float16
+    sym: bool = False
+    steps: int = 100
+    batch_size: int = 4
+    seqlen: int = 512
+    lr: float = 1e-3
+    magnitude_lr: float = 1e-4
+    heldout: float = 0.1
+    eval_every: int = 10
+    distill_topk: int = 64
+    seed: int = 0
+    compile: bool = True
+
+    method = "dlqat"
+    needs_calibration = True
+
+    def validate(self) -> None:
+        super().validate()
+        name = type(self).__name__
+        if self.bits not in (2, 3, 4):
+            raise ValueError(f"{name}(bits={self.bits}) is not supported: use 2, 3 or 4")
+        if self.group_size is not None and self.group_size not in INT4_GROUP_SIZES:
+            raise ValueError(f"{name}(group_size={self.group_size}) is not supported: use one of "
+                             f"{INT4_GROUP_SIZES} or None / -1 (per output channel)")
+        if self.init not in ("gptq", "rtn"):
+            raise ValueError(f"{name}(init={self.init!r}): use 'gptq' or 'rtn'")
+        for field in ("steps", "batch_size", "seqlen", "eval_every", "distill_topk"):
+            v = getattr(self, field)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name}({field}={v!r}): must be a positive integer")
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 0:
+            raise ValueError(f"{name}(rank={self.rank!r}): must be a non-negative integer (0: magnitudes only)")
+        for field in ("lr", "magnitude_lr"):
+            if not getattr(self, field) >= 0:
+                raise ValueError(f"{name}({field}={getattr(self, field)!r}): must be >= 0")
+        if not 0 < self.heldout < 1:
+            raise ValueError(f"{name}(heldout={self.heldout!r}): a fraction of the training windows in (0, 1)")
+
+    def gptq_config(self) -> "GPTQConfig":
+        """The post-training config of the initial grid (and of the layers training leaves alone)."""
+        shared = {f: getattr(self, f) for f in ("lm_head", "lm_head_bits", "skip", "int8", "min_features",
+                                                "scale_dtype", "cpu_activations")}
+        return GPTQConfig(bits=self.bits, group_size=self.group_size, sym=self.sym, act_order=self.init == "gptq",
+                          **shared)
+
+
+CONFIGS: dict[str, type[QuantConfig]] = {"rtn": RTNConfig, "gptq": GPTQConfig, "ganq": GANQConfig, "quik": QUIKConfig,
+                                         "dlqat": DLQATConfig}
 
 
 MIN_BLOCKS_FOR_INT8_LAST = 8

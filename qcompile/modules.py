@@ -240,7 +240,7 @@ def install(model: nn.Module, path: str, mod: nn.Module, weight, plan, input_emb
     """Replace the layer at `path` by a QuantLinear holding `weight` (a canonical format), on the
     layer's device; an int8 lm_head tied to the input embedding shares its table with it."""
     float_bytes = 2 * plan.in_features * plan.out_features
-    device = getattr(mod, "weight").device
+    device = next(t.device for t in (*mod.parameters(), *mod.buffers()))
     packed = lowering.pack(weight, device, plan.cpu_activations)
     qlinear = QuantLinear(packed, mod.bias)
     tied = input_emb is not None and getattr(input_emb, "weight", None) is mod.weight

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import QuantConfig, default_config
+from .config import DLQATConfig, QuantConfig, default_config
 from .methods.calibration import quantize_with_calibration
 from .methods import plan_linear, quantize_linear
 from .modules import colocate_siblings, float_report, install, linear_modules, untie  # noqa: F401  (linear_modules: public here too)
@@ -57,11 +57,11 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, example_inp
 
     Args:
         model: a float model (Hugging Face or any nn.Module with nn.Linear / Conv1D layers).
-        config: a method config (`qcompile.RTNConfig`, `qcompile.GPTQConfig`, ...); None takes the
-            default recipe.
+        config: a method config (`qcompile.RTNConfig`, `qcompile.GPTQConfig`, `qcompile.DLQATConfig`,
+            ...); None takes the default recipe.
         example_inputs: inputs for one forward pass (a tuple, or a dict of keyword arguments)
             used to find which norm feeds which layer; Hugging Face models supply their own.
-        calibration: for methods that learn from data (GPTQ): a list of texts, a LongTensor
+        calibration: for methods that learn from data (GPTQ; DL-QAT trains on it): a list of texts, a LongTensor
             [n, seqlen] of token ids, or a list of id tensors; None uses the text that ships with
             qcompile. See `qcompile.methods.calibration`.
         tokenizer: turns calibration texts into ids; by default the model's own (from the folder
@@ -73,6 +73,10 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, example_inp
     """
     config = config or default_config(model)
     config.validate()
+    if isinstance(config, DLQATConfig):
+        from .qat import quantize_dlqat
+
+        return quantize_dlqat(model, config, calibration, tokenizer=tokenizer, progress=progress)
     if config.needs_calibration:
         quantize_with_calibration(model, config, calibration, tokenizer=tokenizer, progress=progress)
         colocate_siblings(model)

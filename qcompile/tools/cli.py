@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     e = sub.add_parser("eval", help="perplexity and weight bytes: float vs quantized, side by side")
     e.add_argument("--model", default="smollm2", help="'smollm2' (bundled) or a local Hugging Face folder")
     e.add_argument("--config", default="default",
-                   help="'default', 'minmax', a method name (rtn, ...), or a checkpoint folder (qcompile or GPTQ)")
+                   help="'default', 'minmax', a method name (rtn, gptq, ganq, quik, dlqat: its defaults, the shipped calibration text), or a checkpoint folder (qcompile or GPTQ)")
     e.add_argument("--text", default=None, help="text file to measure on (default: the development set's report split, 52 windows from 9 documents of 3 kinds; see qcompile.tools.devset)")
     e.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
     e.add_argument("--max-tokens", type=int, default=0, help="with --text: use its first N tokens (0: all)")
