@@ -23,12 +23,12 @@ from qcompile.qat import distill as qat_train
 from qcompile.tools.models import load_model
 
 OUT = Path(__file__).parent / "results"
-CANDIDATES = [  # (name, DLQATConfig fields)
-    ("lr 1e-3, alpha 1, magnitude lr 1e-3", dict(lr=1e-3, lora_alpha=1.0, magnitude_lr=1e-3)),
-    ("lr 1e-3, alpha 8, magnitude lr 1e-3", dict(lr=1e-3, lora_alpha=8.0, magnitude_lr=1e-3)),
-    ("lr 1e-3, alpha 8, magnitude lr 1e-4", dict(lr=1e-3, lora_alpha=8.0, magnitude_lr=1e-4)),
-    ("lr 3e-3, alpha 8, magnitude lr 3e-3", dict(lr=3e-3, lora_alpha=8.0, magnitude_lr=3e-3)),
+CANDIDATES = [  # (name, DLQATConfig fields); alpha = rank (scaling 1): under Adam the LoRA lr sets the step
     ("rank 0 (magnitudes only), magnitude lr 1e-3", dict(rank=0, magnitude_lr=1e-3)),
+    ("LoRA lr 1e-2, magnitude lr 1e-3", dict(lr=1e-2, lora_alpha=8.0, magnitude_lr=1e-3)),
+    ("LoRA lr 3e-2, magnitude lr 1e-3", dict(lr=3e-2, lora_alpha=8.0, magnitude_lr=1e-3)),
+    ("LoRA lr 1e-1, magnitude lr 1e-3", dict(lr=1e-1, lora_alpha=8.0, magnitude_lr=1e-3)),
+    ("LoRA lr 3e-2, magnitude lr 3e-3", dict(lr=3e-2, lora_alpha=8.0, magnitude_lr=3e-3)),
 ]
 
 

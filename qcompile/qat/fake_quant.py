@@ -4,7 +4,7 @@ Per layer, in storage order (the act_order permutation of the initial grid, if a
 
     t = Φ0 + (α/r)·B·A                          code units; B [N, r] starts at 0, A [r, K] random
     q = clamp(round(t), 0, 2^bits − 1)          round: straight-through (identity gradient)
-    s = bf16(m · s0)                            m [N, K/g] starts at 1; the cast is straight-through
+    s = fp16(m · s0)                            m [N, K/g] starts at 1; the storage dtype, straight-through
     Ŵ = s · (q − z)                             z: the initial grid's integer zero-points (frozen)
 
 Φ0 = Q0 + clamp(W/s0 + z − Q0, ±125/256) holds the initial codes Q0 (GPTQ's or RTN's) plus where
@@ -142,7 +142,7 @@ class QATLinear(nn.Module):
 
     @torch.no_grad()
     def merged_weight(self) -> Int4Weight:
-        """The trained layer as plain int4: the same `codes` on the same tensors, scales bf16(m·s0)."""
+        """The trained layer as plain int4: the same `codes` on the same tensors, scales (m·s0) in the storage dtype."""
         q = codes(self.phi, self.lora_b, self.lora_a, self.scaling, self.qmax)
         return Int4Weight(pack_nibbles(q.to(torch.uint8)), group_scales(self.magnitude, self.scales0, self.scale_dtype)
                           .to(self.scale_dtype),
