@@ -30,7 +30,6 @@ CANDIDATES = [  # (name, DLQATConfig fields); alpha = rank (scaling 1): under Ad
     ("LoRA lr 3e-3, magnitude lr 1e-3", dict(lr=3e-3, magnitude_lr=1e-3)),
     ("LoRA lr 1e-2, magnitude lr 1e-3", dict(lr=1e-2, magnitude_lr=1e-3)),
     ("LoRA lr 1e-2, magnitude lr 3e-3", dict(lr=1e-2, magnitude_lr=3e-3)),
-    ("LoRA lr 3e-2, magnitude lr 3e-3", dict(lr=3e-2, magnitude_lr=3e-3)),
 ]
 
 

@@ -431,13 +431,14 @@ class DLQATConfig(QuantConfig):
             SmolLM2-135M (~13 s a step); more steps keep improving the held-out KL.
         batch_size, seqlen: windows per step and their length in tokens.
         lr: learning rate of the LoRA factors (AdamW, betas 0.9/0.95, warm-up then cosine decay).
-            The LoRA term is in code units, where a code moves only when B·A crosses a rounding
-            boundary: it needs a much larger rate than weight-domain LoRA (1e-3 barely moves a code in
-            100 steps; 1e-1 diverges).
+            The LoRA term is in code units: a code moves only when B·A crosses a rounding boundary.
+            From GPTQ's grid, whose codes already compensate each other's error, flipping codes early
+            hurts (1e-2 and up raise the held-out KL); from RTN's, 3e-2 helps most.
         magnitude_lr: learning rate of the per-group magnitudes (relative units: they start at 1).
             Both rates (and lora_alpha = rank) were chosen by `benchmarks/tune_qat.py` on the held-out
-            tenth of the shipped calibration text (W3 g64, RTN init, 20 steps), never on evaluation text:
-            `benchmarks/results/tune_qat.md`.
+            tenth of the shipped calibration text (W3 g64, GPTQ init, 20 steps), never on evaluation text:
+            `benchmarks/results/tune_qat.md` (RTN init: `tune_qat_rtn.md`; with `init="rtn"` raise lr to
+            3e-2 and magnitude_lr to 3e-3).
         heldout: fraction of the training windows held out; the state with the lowest held-out KL
             divergence (checked every `eval_every` steps) is the one kept.
         distill_topk: the float model's top-k log-probabilities per token are cached once; the loss
@@ -457,8 +458,8 @@ class DLQATConfig(QuantConfig):
     steps: int = 75
     batch_size: int = 4
     seqlen: int = 512
-    lr: float = 3e-2
-    magnitude_lr: float = 3e-3
+    lr: float = 3e-3
+    magnitude_lr: float = 1e-3
     heldout: float = 0.1
     eval_every: int = 10
     distill_topk: int = 64
