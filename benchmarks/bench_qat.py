@@ -140,15 +140,6 @@ def step_time(steps: int = 6) -> None:
     print(text)
 
 
-def bootstrap_gap_closed(f, g, q, reps: int = 2000) -> tuple[float, float]:
-    f, g, q = (torch.tensor(x, dtype=torch.float64) for x in (f, g, q))
-    share = lambda idx: ((g[idx].mean().exp() - q[idx].mean().exp()) /  # noqa: E731
-                         (g[idx].mean().exp() - f[idx].mean().exp())).item()
-    gen = torch.Generator().manual_seed(0)
-    boot = torch.tensor([share(torch.randint(0, len(f), (len(f),), generator=gen)) for _ in range(reps)])
-    return share(torch.arange(len(f))), boot.std().item()
-
-
 def baselines() -> dict[str, dict]:
     """float32 / rtn / gptq rows from bench_methods' results (same windows), by name."""
     path = OUT / "methods_smollm2.json"
@@ -157,6 +148,7 @@ def baselines() -> dict[str, dict]:
 
 
 def write(results: dict[str, dict]) -> None:
+    from bench_methods import bootstrap_recovered  # share of a baseline's loss recovered, bootstrap SE
     from qcompile.tools.evaluate import paired_ratio_text
 
     base = baselines()
@@ -180,7 +172,7 @@ def write(results: dict[str, dict]) -> None:
             rel = paired_ratio_text(r["nll"], f["nll"]) if f and r is not f else ""
             gap = ""
             if gptq and f and name.startswith("dlqat"):
-                share, se = bootstrap_gap_closed(f["nll"], gptq["nll"], r["nll"])
+                share, se = bootstrap_recovered(f["nll"], gptq["nll"], r["nll"])  # GPTQ's gap closed
                 gap = f"{share:.0%} ± {se:.0%}"
                 if name in GAP_CLOSED:
                     floors.append(f"- {name}: closed {share:.0%} ± {se:.0%} of GPTQ's gap to float32 (floor "
