@@ -439,8 +439,9 @@ class DLQATConfig(QuantConfig):
             tenth of the shipped calibration text (W3 g64, GPTQ init, 20 steps), never on evaluation text:
             `benchmarks/results/tune_qat.md` (RTN init: `tune_qat_rtn.md`; with `init="rtn"` raise lr to
             3e-2 and magnitude_lr to 3e-3).
-        heldout: fraction of the training windows held out; the state with the lowest held-out KL
-            divergence (checked every `eval_every` steps) is the one kept.
+        heldout: fraction of the training windows held out (every 1/heldout-th, at most 16 spread
+            over the text); the state with the lowest held-out KL divergence (checked every
+            `eval_every` steps) is the one kept.
         distill_topk: the float model's top-k log-probabilities per token are cached once; the loss
             is the KL divergence over those k tokens plus one bucket for the rest of the vocabulary.
         seed: seeds the LoRA initialisation and the order of training windows.

@@ -37,6 +37,12 @@ def default_text() -> str:
     return DEFAULT_TEXT.read_text(encoding="utf-8")
 
 
+def training_text() -> str:
+    """The text DL-QAT trains on by default: the calibration text, then ~100k more tokens of
+    documentation (data/qat_text.txt; training needs more text than calibration does)."""
+    return default_text() + "\n\n" + (DEFAULT_TEXT.parent / "qat_text.txt").read_text(encoding="utf-8")
+
+
 # --- calibration ids ----------------------------------------------------------------------------
 def windows(ids: Tensor, nsamples: int, seqlen: int) -> list[Tensor]:
     """`nsamples` windows of `seqlen` tokens spread evenly over `ids` (disjoint when the text is

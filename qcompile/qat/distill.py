@@ -1,6 +1,6 @@
 """The DL-QAT training loop: distil a prepared model from its float teacher.
 
-Text (the shipped calibration text by default) is cut into non-overlapping windows; every
+Text (qcompile's calibration text plus ~100k tokens more documentation by default) is cut into non-overlapping windows; every
 1/heldout-th window is held out. The teacher runs once over all windows and its top-k
 log-probabilities per token are kept (k = 64: ~0.5 KB a token instead of the 196 KB of a full
 SmolLM2 distribution). The loss is the KL divergence from the teacher over those k tokens plus one
@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..methods.calibration import default_text, model_tokenizer
+from ..methods.calibration import model_tokenizer, training_text
 from .fake_quant import QATLinear
 
 
@@ -48,7 +48,8 @@ class TrainResult:
 
 
 def training_windows(calibration, *, model: nn.Module, tokenizer=None, seqlen: int = 512) -> Tensor:
-    """LongTensor [n, seqlen]: every non-overlapping window of the text (None: the shipped text; a
+    """LongTensor [n, seqlen]: every non-overlapping window of the text (None: qcompile's training
+    text, `qcompile.methods.calibration.training_text`; a
     text or list of texts, joined), or token ids [n, seqlen] / a list of id tensors used as given."""
     if isinstance(calibration, Tensor):
         ids = calibration.long()
@@ -56,7 +57,7 @@ def training_windows(calibration, *, model: nn.Module, tokenizer=None, seqlen: i
     if isinstance(calibration, (list, tuple)) and calibration and all(isinstance(c, Tensor) for c in calibration):
         return torch.stack([c.reshape(-1).long() for c in calibration])
     if calibration is None:
-        calibration = default_text()
+        calibration = training_text()
     if isinstance(calibration, (list, tuple)) and calibration and all(isinstance(c, str) for c in calibration):
         calibration = "\n\n".join(calibration)
     if not isinstance(calibration, str):
@@ -72,9 +73,13 @@ def training_windows(calibration, *, model: nn.Module, tokenizer=None, seqlen: i
     return ids[: n * seqlen].reshape(n, seqlen)
 
 
+HELDOUT_MAX = 16  # enough to rank states; each held-out window costs a forward pass per evaluation
+
+
 def heldout_mask(count: int, fraction: float) -> Tensor:
-    """bool [count]: every round(1/fraction)-th window held out, at least one."""
-    every = max(2, round(1 / fraction))
+    """bool [count]: every round(1/fraction)-th window held out (sparser when that would hold out
+    more than HELDOUT_MAX), at least one."""
+    every = max(2, round(1 / fraction), math.ceil(count / HELDOUT_MAX))
     held = torch.zeros(count, dtype=torch.bool)
     held[every - 1::every] = True
     if not held.any():
