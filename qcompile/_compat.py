@@ -235,3 +235,14 @@ def register_inductor_decomposition(op, fn) -> None:
 
     register_decomposition(op)(fn)
     make_fallback(op, warn=False, override_decomp=True)
+
+
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether `device` multiplies bf16 matrices natively (CUDA with bf16; a CPU with AVX512-BF16 or
+    AMX), so that bf16 autocast is faster rather than emulated."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        probes = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+        return any(p() for p in probes if p is not None)
+    return False

@@ -183,6 +183,17 @@ def test_a_seed_reproduces_training():
     assert not all(torch.equal(x, y) for x, y in zip(a, c))
 
 
+@pytest.mark.parametrize("precision,dtype", [("float32", torch.float32), ("bfloat16", torch.bfloat16)])
+def test_train_precision_sets_the_training_matmuls_and_both_learn(precision, dtype):
+    model, teacher, _, tok, _ = _prepared(steps=6, train_precision=precision)
+    seen = []
+    hook = model.lm_head.register_forward_hook(lambda m, i, o: seen.append((m.training, o.dtype)))
+    result = qcompile.qat.train(model, teacher, calibration=TEXT, tokenizer=tok, progress=False)
+    hook.remove()
+    assert {d for _, d in seen} == {torch.float32, dtype}  # held-out checks stay float32
+    assert result.best_heldout_kl < result.initial_heldout_kl
+
+
 @pytest.mark.parametrize("bits,group_size", [(2, 32), (4, 64), (3, None)])
 def test_bits_and_groups_convert_to_the_int4_format(bits, group_size):
     model, *_ = _prepared(bits=bits, group_size=group_size)
@@ -237,7 +248,8 @@ def test_quantize_runs_prepare_train_convert_and_explain_says_how():
 
 @pytest.mark.parametrize("field,value,match", [
     ("bits", 5, "use 2, 3 or 4"), ("init", "awq", "'gptq' or 'rtn'"), ("rank", -1, "non-negative"),
-    ("heldout", 0.0, "fraction"), ("steps", 0, "positive integer"), ("group_size", 48, "not supported")])
+    ("heldout", 0.0, "fraction"), ("steps", 0, "positive integer"), ("group_size", 48, "not supported"),
+    ("train_precision", "fp8", "'auto', 'float32' or 'bfloat16'")])
 def test_bad_configs_say_what_to_do(field, value, match):
     with pytest.raises(ValueError, match=match):
         qcompile.DLQATConfig(**{field: value}).validate()

@@ -7,8 +7,9 @@ SmolLM2 distribution). The loss is the KL divergence from the teacher over those
 bucket for the rest of the vocabulary: a true KL divergence of the coarsened distributions, zero
 only when the student matches them. AdamW (betas 0.9/0.95), linear warm-up over the first 5% of
 steps, cosine decay to a tenth, gradient norm clipped at 1. Every `eval_every` steps the held-out
-KL divergence is measured and the best trainable state kept; the model ends in that state, also
-when Ctrl-C stops training.
+KL divergence is measured (in float32) and the best trainable state kept; the model ends in that
+state, also when Ctrl-C stops training. Training steps run under bf16 autocast where the device has
+native bf16 (`DLQATConfig.train_precision`).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .._compat import native_bfloat16
 from ..methods.calibration import model_tokenizer, training_text
 from .fake_quant import QATLinear
 
@@ -169,6 +171,7 @@ def train(model: nn.Module, teacher: nn.Module, *, calibration=None, tokenizer=N
     gen = torch.Generator().manual_seed(config.seed)
     order = torch.randperm(len(train_ids), generator=gen)
     device = next(model.parameters()).device
+    bf16 = config.train_precision == "bfloat16" or (config.train_precision == "auto" and native_bfloat16(device))
     was_training = model.training
     model.train()
 
@@ -179,7 +182,7 @@ def train(model: nn.Module, teacher: nn.Module, *, calibration=None, tokenizer=N
     best = snapshot()
     start_time = time.perf_counter()
     cursor = 0
-    bar = tqdm(range(config.steps), desc=f"dl-qat w{config.bits}", disable=not progress, unit="step")
+    bar = tqdm(range(config.steps), desc=f"dl-qat w{config.bits}{' bf16' if bf16 else ''}", disable=not progress, unit="step")
     try:
         for step in bar:
             if cursor + config.batch_size > len(order):
@@ -188,7 +191,8 @@ def train(model: nn.Module, teacher: nn.Module, *, calibration=None, tokenizer=N
             cursor += config.batch_size
             for g, lr in zip(opt.param_groups, base_lr):
                 g["lr"] = lr * _lr_factor(step, config.steps)
-            with torch.enable_grad():  # also when called under no_grad (qcompile.quantize)
+            with torch.enable_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                # enable_grad: also when called under no_grad (qcompile.quantize)
                 logits = model(train_ids[pick].to(device), use_cache=False).logits
                 loss = distill_kl(logits, train_t.logp[pick].to(device), train_t.index[pick].to(device))
                 del logits
