@@ -82,7 +82,7 @@ def run_row(name: str, setting: str, init: str | None, steps: int | None) -> dic
         del teacher
         r |= {"steps": result.steps, "tokens": result.tokens, "train_s": round(result.seconds, 1),
               "heldout_kl_before": result.initial_heldout_kl, "heldout_kl_best": result.best_heldout_kl,
-              "best_step": result.best_step, "heldout": result.heldout, "trainable": trained, "params": total,
+              "best_step": result.best_step, "heldout": result.heldout, "train_precision": result.precision, "trainable": trained, "params": total,
               "config": cfg.to_dict()}
         recipe_s = time.perf_counter() - t
         r["fake_quant_ppl"] = round(Perplexity(window_nll(model, ids, progress=False)).ppl, 3)
@@ -196,7 +196,14 @@ def write(results: dict[str, dict]) -> None:
                                   f"(load avg {r['load_avg']})")
             if r is f and setting != next(iter(SETTINGS)):
                 continue
-            train = (f"{r['tokens']:,} ({r['steps']} steps)" if "tokens" in r else "-")
+            train = "-"
+            if "tokens" in r:
+                prec = r.get("train_precision", r["config"].get("train_precision"))  # None: the earlier recipe
+                if prec == "auto":  # recorded before the resolved precision was
+                    from qcompile._compat import native_bfloat16
+                    prec = "bfloat16" if native_bfloat16(torch.device("cpu")) else "float32"
+                train = (f"{r['tokens']:,} ({r['steps']} steps, {prec})" if prec else
+                         f"{r['tokens']:,} ({r['steps']} steps, float32, calibration text only: the earlier recipe)")
             frac = f"{r['trainable'] / r['params']:.2%}" if "trainable" in r else "-"
             lines.append(f"| {setting} | {label} | {r['ppl']:.2f} ± {r['se']:.2f} | {rel} | {gap} | "
                          f"{r.get('fake_quant_ppl', '-')} | {train} | {r.get('wall_s', r.get('quantize_s', '-'))} | "

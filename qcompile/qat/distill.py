@@ -42,9 +42,10 @@ class TrainResult:
     interrupted: bool = False
     train_windows: int = 0
     heldout_windows: int = 0
+    precision: str = "float32"  # of the training matmuls (bf16 autocast or not)
 
     def describe(self) -> str:
-        return (f"{self.steps} steps, {self.tokens} tokens in {self.seconds:.0f} s; best held-out KL "
+        return (f"{self.steps} steps ({self.precision}), {self.tokens} tokens in {self.seconds:.0f} s; best held-out KL "
                 f"{self.best_heldout_kl:.4f} (step {self.best_step}; {self.initial_heldout_kl:.4f} before "
                 f"training){', interrupted' if self.interrupted else ''}")
 
@@ -172,6 +173,7 @@ def train(model: nn.Module, teacher: nn.Module, *, calibration=None, tokenizer=N
     order = torch.randperm(len(train_ids), generator=gen)
     device = next(model.parameters()).device
     bf16 = config.train_precision == "bfloat16" or (config.train_precision == "auto" and native_bfloat16(device))
+    result.precision = "bfloat16" if bf16 else "float32"
     was_training = model.training
     model.train()
 
