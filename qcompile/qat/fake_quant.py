@@ -138,7 +138,9 @@ class QATLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.perm is not None:  # act_order: gather the inputs, as the deployed kernel does
             x = x.index_select(-1, self.perm)
-        return F.linear(x, self.fake_weight().to(x.dtype), self.bias)
+        with torch.autocast(x.device.type, enabled=False):  # the grid math in float32 under bf16 training too
+            weight = self.fake_weight()
+        return F.linear(x, weight.to(x.dtype), self.bias)  # (autocast, if on, casts this matmul to bf16)
 
     @torch.no_grad()
     def merged_weight(self) -> Int4Weight:
