@@ -222,10 +222,7 @@ def write(results: dict[str, dict]) -> None:
                 continue
             train = "-"
             if "tokens" in r:
-                prec = r.get("train_precision", r["config"].get("train_precision"))  # None: the earlier recipe
-                if prec == "auto":  # recorded before the resolved precision was
-                    from qcompile._compat import native_bfloat16
-                    prec = "bfloat16" if native_bfloat16(torch.device("cpu")) else "float32"
+                prec = r.get("train_precision")  # None: the earlier recipe
                 train = (f"{r['tokens']:,} ({r['steps']} steps, {prec})" if prec else
                          f"{r['tokens']:,} ({r['steps']} steps, float32, calibration text only: the earlier recipe)")
             frac = f"{r['trainable'] / r['params']:.2%}" if "trainable" in r else "-"
