@@ -6,8 +6,10 @@
 For each grid (bits:group, pc = per channel; asymmetric, act_order, clip search) and each setting,
 quantizes SmolLM2-135M with GPTQ and measures perplexity on the tune split (`qcompile.tools.devset`, 28
 windows of 512 tokens from 6 documents of 3 kinds). Calibration is either the text that ships
-with qcompile ("shipped": what a user gets who passes none) or the calib split ("calib": text a
-user passes, of the same kinds as the evaluation text, other documents). Each row also gives the
+with qcompile ("shipped": what a user gets who passes none), the calib split ("calib": text a
+user passes, of the same kinds as the evaluation text, other documents) or DL-QAT's training text
+("training": the shipped text plus ~100k tokens of other documentation, to see what a more diverse
+default text would give; windows are spread over the whole text). Each row also gives the
 share of round to nearest's loss recovered, (ppl_rtn − ppl) / (ppl_rtn − ppl_float), with
 round to nearest on the same grid (min/max, integer zero-point). Rows are appended to
 benchmarks/results/tune_gptq.json as they finish (a stopped run keeps them; a rerun skips them).
@@ -23,6 +25,7 @@ import torch
 
 import qcompile
 from qcompile import GPTQConfig
+from qcompile.methods import calibration
 from qcompile.tools import devset
 from qcompile.tools.evaluate import Perplexity, window_nll
 from qcompile.tools.models import load_model
@@ -67,7 +70,8 @@ def main() -> None:
     torch.manual_seed(0)
     _, tok = load_model()
     tune = devset.windows(tok, "tune").ids
-    texts = {"shipped": None, "calib": [d.text for d in devset.documents("calib")]}
+    texts = {"shipped": None, "calib": [d.text for d in devset.documents("calib")],
+             "training": [calibration.training_text()]}
     done = json.loads(JSON.read_text()) if JSON.exists() else []
     have = {r["key"] for r in done}
 
