@@ -1,6 +1,6 @@
 """Choosing GPTQ's defaults on the development set's tune split (never on the report split).
 
-    python benchmarks/tune_gptq.py [--grids 4:64 3:64 3:pc] [--calib shipped calib] \
+    python benchmarks/tune_gptq.py [--grids 4:64 3:64 3:pc] [--calib shipped calib training] \
         [--damps 0.01 0.1 0.3] [--float-targets 0 1] [--nsamples 32] [--seqlen 512]
 
 For each grid (bits:group, pc = per channel; asymmetric, act_order, clip search) and each setting,
@@ -57,7 +57,7 @@ def write_md(done: list[dict]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--grids", nargs="*", default=["4:64", "3:64", "3:pc"])
-    ap.add_argument("--calib", nargs="*", default=["shipped", "calib"])
+    ap.add_argument("--calib", nargs="*", default=["shipped", "calib"], choices=["shipped", "calib", "training"])
     ap.add_argument("--damps", type=float, nargs="*", default=[0.01, 0.1, 0.3])
     ap.add_argument("--float-targets", type=int, nargs="*", default=[0])
     ap.add_argument("--nsamples", type=int, default=32)
