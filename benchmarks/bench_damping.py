@@ -39,7 +39,7 @@ def main() -> None:
     ap.add_argument("--grids", nargs="*", default=["4:64", "3:64", "4:pc", "3:pc"], help="bits:group (pc: per channel)")
     args = ap.parse_args()
     model, tok = load_model()
-    rows, _ = calibration_ids(None, model=model, tokenizer=tok, nsamples=64, seqlen=512)
+    rows, _, _ = calibration_ids(None, model=model, tokenizer=tok, nsamples=64, seqlen=512)
     mods = {f"model.layers.{b}.{n}": model.get_submodule(f"model.layers.{b}.{n}") for b in args.blocks for n in LAYERS}
     hess = {p: (gptq.Hessian(m.in_features), gptq.Hessian(m.in_features)) for p, m in mods.items()}
     part = [0]

@@ -431,13 +431,14 @@ class ByteTokenizer:
 def test_calibration_accepts_texts_ids_and_lists_and_rejects_the_rest():
     model = tiny_llama()
     text = " ".join(f"w{i}" for i in range(200))  # no repeated 40-byte run
-    rows, what = calib.calibration_ids([text], model=model, tokenizer=ByteTokenizer(), nsamples=4, seqlen=64)
+    rows, held, what = calib.calibration_ids([text], model=model, tokenizer=ByteTokenizer(), nsamples=4, seqlen=64)
+    assert held == []
     assert len(rows) == 4 and all(r.shape == (64,) for r in rows) and "4 x 64 tokens" in what
     starts = [text.encode().find(bytes(r[:40].tolist())) for r in rows]
     assert starts[0] == 0 and all(b - a >= 64 for a, b in zip(starts, starts[1:]))  # disjoint windows
     ids = calibration_ids(3, 10)
     assert len(calib.calibration_ids(ids, model=model)[0]) == 3
-    rows, _ = calib.calibration_ids([ids[0], ids[1:]], model=model)
+    rows, _, _ = calib.calibration_ids([ids[0], ids[1:]], model=model)
     assert len(rows) == 3 and [len(b) for b in calib._batches(rows + [ids[0, :5]], 2)] == [2, 1, 1]
     with pytest.raises(ValueError, match="fewer than one window"):
         calib.calibration_ids(["short"], model=model, tokenizer=ByteTokenizer(), seqlen=64)
@@ -454,6 +455,35 @@ def test_calibration_accepts_texts_ids_and_lists_and_rejects_the_rest():
     assert "4 x 64 tokens" in model.qcompile_report.graphs[0].notes[0]
 
 
+def test_held_out_windows_never_share_a_token_with_fit_windows_and_automatic_counts_stay_disjoint():
+    def tokens(rows):
+        return [set(r.tolist()) for r in rows]
+
+    def disjoint(a, b):
+        return all(not (x & y) for x in a for y in b)
+
+    long = torch.arange(100 * 32)  # room for 64 + 8 disjoint windows: all disjoint, every 9th held out
+    fit, held = calib.fit_and_heldout_windows(long, 64, 8, 32, cap=True)
+    assert len(fit) == 64 and len(held) == 8 and disjoint(tokens(fit), tokens(held))
+    assert sum(len(t) for t in tokens(fit + held)) == len(set().union(*tokens(fit + held))) == 72 * 32
+    short = torch.arange(37 * 32 + 5)  # 37 disjoint windows for 64 + 8 asked
+    fit, held = calib.fit_and_heldout_windows(short, 64, 8, 32, cap=True)  # automatic nsamples: fewer, disjoint
+    assert len(held) == 4 and len(fit) == 33 and all(len(r) == 32 for r in fit + held)
+    assert disjoint(tokens(fit), tokens(held))
+    assert len(set().union(*tokens(fit))) == 33 * 32
+    fit, held = calib.fit_and_heldout_windows(short, 64, 8, 32)  # nsamples given: as many, overlapping each other only
+    assert len(fit) == 64 and len(held) == 4 and disjoint(tokens(fit), tokens(held))
+    fit, held = calib.fit_and_heldout_windows(torch.arange(8 * 32), 64, 8, 32, cap=True)  # < 9 chunks: no check
+    assert held == [] and len(fit) == 8
+    model = tiny_llama()
+    text = " ".join(f"w{i}" for i in range(500))  # ~2.4k bytes: 37 windows of 64
+    qcompile.quantize(model, GPTQConfig(bits=3, group_size=None, seqlen=64), calibration=[text],
+                      tokenizer=ByteTokenizer(), progress=False)
+    note = model.qcompile_report.graphs[0].notes[0]
+    assert "33 x 64 tokens" in note and "64 asked, fewer to keep the windows disjoint" in note
+    assert "4 more x 64 held out" in note
+
+
 def test_windows_default_to_64_for_low_bit_per_channel_grids():
     assert GPTQConfig().samples == GPTQConfig(bits=3, group_size=64).samples == GPTQConfig(bits=4, group_size=None).samples == 32
     assert GPTQConfig(bits=3, group_size=None).samples == 64 and GPTQConfig(bits=3, group_size=-1, nsamples=8).samples == 8
@@ -461,7 +491,8 @@ def test_windows_default_to_64_for_low_bit_per_channel_grids():
     text = " ".join(f"w{i}" for i in range(2000))
     qcompile.quantize(model, GPTQConfig(bits=3, group_size=None, seqlen=32), calibration=[text],
                       tokenizer=ByteTokenizer(), progress=False)
-    assert "72 x 32 tokens" in model.qcompile_report.graphs[0].notes[0]  # 64 fitted + 8 held out
+    assert "64 x 32 tokens" in model.qcompile_report.graphs[0].notes[0]
+    assert "8 more x 32 held out" in model.qcompile_report.graphs[0].notes[0]
 
 
 def test_default_calibration_text_ships_and_is_not_the_evaluation_text():
@@ -575,7 +606,7 @@ def test_held_out_windows_catch_a_gptq_model_worse_than_round_to_nearest(monkeyp
         qcompile.quantize(model, GPTQConfig(bits=4, group_size=32, sym=False, nsamples=16, seqlen=64),
                           calibration=[text], tokenizer=ByteTokenizer(), progress=False)
     report = model.qcompile_report
-    assert "2 of them held out" in report.graphs[0].notes[0]
+    assert "2 more x 64 held out" in report.graphs[0].notes[0]
     assert any("GPTQ was worse, round to nearest kept" in n for n in report.graphs[0].notes)
     assert all("GPTQ was worse on held-out calibration text" in x.reason
                for x in report.linears if x.path.startswith("model.layers."))

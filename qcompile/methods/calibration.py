@@ -86,12 +86,37 @@ def _check_ids(t: Tensor) -> Tensor:
     return t.long()
 
 
-def calibration_ids(calibration, *, model: nn.Module, tokenizer=None, nsamples: int = 64,
-                    seqlen: int = 512) -> tuple[list[Tensor], str]:
-    """(1-D id tensors, a description) from what `qcompile.quantize(calibration=...)` accepts:
-    None (the text that ships with qcompile), a text or list of texts (joined, tokenized, cut
-    into `nsamples` windows of `seqlen`), a LongTensor [n, seqlen], or a list of id tensors
-    (used as given)."""
+def fit_and_heldout_windows(ids: Tensor, nsamples: int, heldout: int, seqlen: int,
+                            cap: bool = False) -> tuple[list[Tensor], list[Tensor]]:
+    """(fit windows, held-out windows) of `seqlen` tokens from one token stream. A held-out window
+    never shares a token with a fit window (the check against round to nearest would favour GPTQ
+    otherwise). A text with room for all of them gets `nsamples + heldout` disjoint windows spread
+    evenly, every 9th held out; a shorter one is cut into disjoint chunks, every 9th chunk held out
+    (none under 9 chunks) and the fit windows taken from the rest. `cap` (automatic nsamples) keeps
+    the fit windows disjoint too, taking fewer of them rather than repeating tokens."""
+    total = ids.numel()
+    if total >= (nsamples + heldout) * seqlen or not heldout:
+        rows = windows(ids, min(nsamples + heldout, max(total // seqlen, 1)) if cap else nsamples + heldout, seqlen)
+        held = set(range(4, len(rows), 9)) if heldout and len(rows) >= 9 else set()
+        return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+    chunks = total // seqlen
+    held = list(range(4, chunks, 9))[:heldout] if chunks >= 9 else []
+    rest, start = [], 0
+    for c in held:  # the tokens between held-out chunks, joined (a fit window may span a gap)
+        rest.append(ids[start : c * seqlen])
+        start = (c + 1) * seqlen
+    rest = torch.cat(rest + [ids[start:]])
+    n = min(nsamples, rest.numel() // seqlen) if cap else nsamples
+    return windows(rest, n, seqlen), [ids[c * seqlen : (c + 1) * seqlen] for c in held]
+
+
+def calibration_ids(calibration, *, model: nn.Module, tokenizer=None, nsamples: int = 64, seqlen: int = 512,
+                    heldout: int = 0, cap: bool = False) -> tuple[list[Tensor], list[Tensor], str]:
+    """(fit id tensors, held-out id tensors, a description) from what
+    `qcompile.quantize(calibration=...)` accepts: None (the text that ships with qcompile), a text
+    or list of texts (joined, tokenized, cut into `nsamples` fit and `heldout` held-out windows of
+    `seqlen`, see `fit_and_heldout_windows`), a LongTensor [n, seqlen], or a list of id tensors
+    (used as given, nothing held out)."""
     source = "texts"
     if calibration is None:
         calibration, source = [default_text()], "qcompile's default text"
@@ -99,15 +124,21 @@ def calibration_ids(calibration, *, model: nn.Module, tokenizer=None, nsamples: 
         calibration = [calibration]
     if isinstance(calibration, Tensor):
         rows = list(_check_ids(calibration))
-        return rows, f"{len(rows)} windows given as token ids"
+        return rows, [], f"{len(rows)} windows given as token ids"
     if isinstance(calibration, (list, tuple)) and calibration:
         if all(isinstance(c, str) for c in calibration):
             ids = _tokenize("\n\n".join(calibration), tokenizer or model_tokenizer(model))
-            rows = windows(ids, nsamples, seqlen)
-            return rows, f"{len(rows)} x {seqlen} tokens from {source} ({ids.numel()} tokens)"
+            rows, held = fit_and_heldout_windows(ids, nsamples, heldout, seqlen, cap)
+            what = f"{len(rows)} x {seqlen} tokens from {source} ({ids.numel()} tokens"
+            what += f"; {nsamples} asked, fewer to keep the windows disjoint)" if len(rows) < nsamples else ")"
+            if held:
+                what += f", {len(held)} more x {seqlen} held out to check against round to nearest"
+            elif heldout:
+                what += ", too short to hold windows out for the check against round to nearest"
+            return rows, held, what
         if all(isinstance(c, Tensor) for c in calibration):
             rows = [r for c in calibration for r in _check_ids(c)]
-            return rows, f"{len(rows)} windows given as token ids"
+            return rows, [], f"{len(rows)} windows given as token ids"
     if isinstance(calibration, (list, tuple)) and not calibration:
         raise ValueError("calibration is empty: give texts or token ids, or None for the default text")
     raise TypeError("calibration must be None, a text, a list of texts, a LongTensor [n, seqlen] or a "
@@ -536,13 +567,14 @@ def quantize_with_calibration(model: nn.Module, config: GPTQConfig | GANQConfig,
     blocks_path, blocks = decoder_blocks(model)
     from_text = calibration is None or isinstance(calibration, str) or (
         isinstance(calibration, (list, tuple)) and bool(calibration) and all(isinstance(c, str) for c in calibration))
-    extra = (config.samples + 7) // 8  # windows cut from a text beyond nsamples, held out (split_heldout)
+    extra = (config.samples + 7) // 8  # windows cut from a text beyond nsamples, held out for the RTN check
     extra = extra if isinstance(config, GPTQConfig) and from_text and config.samples + extra >= 9 else 0
-    rows, described = calibration_ids(calibration, model=model, tokenizer=tokenizer,
-                                      nsamples=config.samples + extra, seqlen=config.seqlen)
-    rows, heldout = split_heldout(rows, config)
-    if heldout:
-        described += f"; {len(heldout)} of them held out to check against round to nearest"
+    rows, heldout, described = calibration_ids(calibration, model=model, tokenizer=tokenizer, nsamples=config.samples,
+                                               seqlen=config.seqlen, heldout=extra, cap=config.nsamples is None)
+    if not from_text:
+        rows, heldout = split_heldout(rows, config)
+        if heldout:
+            described += f"; {len(heldout)} of them held out to check against round to nearest"
     batches = _batches(rows, config.batch_size)
     fallback: dict[str, object] = {}  # path -> round to nearest's format, for the held-out check
     device = next(model.parameters()).device
