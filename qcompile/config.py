@@ -239,7 +239,10 @@ class GPTQConfig(CalibratedConfig):
             per-channel grid at 3 bits and below, whose one grid per row leaves all the work to
             error feedback and so to the Hessian estimate (SmolLM2 W3 per channel on the
             development set's tune split, shipped text: 2.05x float at 32 windows, 1.94x at 64;
-            benchmarks/tune_gptq.py). Time grows with the count.
+            benchmarks/tune_gptq.py); an automatic count never repeats tokens, so a text too short
+            for it gives fewer windows (the report says so). Windows held out from a text for the
+            check against round to nearest (one in nine) never share a token with fitted ones.
+            Time grows with the count.
         batch_size: calibration windows per forward pass (memory only).
         float_targets: fit each layer to the float model's outputs instead of its own on the
             quantized model's inputs (asymmetric calibration, the idea of GPTAQ / GPTQModel v2):
