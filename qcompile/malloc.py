@@ -7,7 +7,10 @@ qcompile's CI: ~20 us a 4 KiB page, measured) elementwise ops run 50-100x slower
 HQQ on one 1536x576 layer took 17 s instead of 0.14 s, and SmolLM2-135M's default quantization
 (compile time of `backend=qcompile`) 437 s instead of 13 s. Raising both thresholds makes glibc
 reuse freed memory, as PyTorch's CUDA caching allocator, jemalloc or tcmalloc do; the process keeps
-its peak footprint instead of shrinking. qcompile does this at import; set
+its peak footprint instead of shrinking. The cost: a loop that frees a large tensor each iteration
+but keeps a small one can fragment the heap (the small one lands in the large one's hole, so the
+next large one no longer fits and the heap grows); allocate such outputs up front, as
+`qcompile.qat.distill.teacher_targets` does. qcompile does this at import; set
 QCOMPILE_KEEP_FREED_MEMORY=0 to leave glibc's defaults alone.
 """
 from __future__ import annotations

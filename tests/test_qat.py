@@ -264,3 +264,15 @@ def test_train_and_convert_refuse_a_model_that_was_not_prepared():
         qcompile.qat.convert(model)
     with pytest.raises(ValueError, match="prepare"):
         qcompile.qat.train(model, copy.deepcopy(model))
+
+
+def test_teacher_targets_are_the_top_k_log_probabilities_of_every_window():
+    teacher = tiny_llama().eval()
+    windows = _ids(n=7, t=32)  # 7 windows in batches of 3: the last batch is partial
+    targets = qat_train.teacher_targets(teacher, windows, 8, 3, False)
+    with torch.no_grad():
+        ref = torch.log_softmax(teacher(windows, use_cache=False).logits.double(), dim=-1)
+    assert targets.logp.shape == targets.index.shape == (7, 32, 8) and targets.index.dtype == torch.int32
+    torch.testing.assert_close(targets.logp.double(), ref.topk(8, dim=-1).values, rtol=0, atol=1e-5)
+    picked = ref.gather(-1, targets.index.long())  # the ids point at those log-probabilities
+    torch.testing.assert_close(picked, targets.logp.double(), rtol=0, atol=1e-5)

@@ -101,13 +101,19 @@ class TeacherTargets:
 @torch.no_grad()
 def teacher_targets(teacher: nn.Module, windows: Tensor, k: int, batch_size: int, progress: bool) -> TeacherTargets:
     device = next(teacher.parameters()).device
-    logps, idxs = [], []
+    # The outputs are allocated once, up front: small tensors kept from each batch would land in the
+    # hole the batch's freed logits left (qcompile keeps freed memory in the heap, qcompile/malloc.py),
+    # so the next batch's logits would no longer fit there and the heap would grow by one logits
+    # tensor per batch (SmolLM2: 400 MB a batch, out of memory after ~50 batches).
+    logp = torch.empty(*windows.shape, k)
+    index = torch.empty(*windows.shape, k, dtype=torch.int32)
     for start in tqdm(range(0, len(windows), batch_size), desc="teacher", disable=not progress, leave=False):
         logits = teacher(windows[start:start + batch_size].to(device), use_cache=False).logits.float()
         top = torch.log_softmax(logits, dim=-1).topk(k, dim=-1)
-        logps.append(top.values.cpu())
-        idxs.append(top.indices.to(torch.int32).cpu())
-    return TeacherTargets(torch.cat(logps), torch.cat(idxs))
+        del logits
+        logp[start:start + batch_size] = top.values
+        index[start:start + batch_size] = top.indices
+    return TeacherTargets(logp, index)
 
 
 def distill_kl(logits: Tensor, t_logp: Tensor, t_index: Tensor) -> Tensor:
