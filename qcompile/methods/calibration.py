@@ -86,6 +86,12 @@ def _check_ids(t: Tensor) -> Tensor:
     return t.long()
 
 
+def heldout_positions(count: int) -> list[int]:
+    """Which of `count` calibration windows (or chunks) are held out for the check against round to
+    nearest: every 9th, starting at the 5th (spread over the text); none under 9."""
+    return list(range(4, count, 9)) if count >= 9 else []
+
+
 def fit_and_heldout_windows(ids: Tensor, nsamples: int, heldout: int, seqlen: int,
                             cap: bool = False) -> tuple[list[Tensor], list[Tensor]]:
     """(fit windows, held-out windows) of `seqlen` tokens from one token stream. A held-out window
@@ -97,10 +103,10 @@ def fit_and_heldout_windows(ids: Tensor, nsamples: int, heldout: int, seqlen: in
     total = ids.numel()
     if total >= (nsamples + heldout) * seqlen or not heldout:
         rows = windows(ids, min(nsamples + heldout, max(total // seqlen, 1)) if cap else nsamples + heldout, seqlen)
-        held = set(range(4, len(rows), 9)) if heldout and len(rows) >= 9 else set()
+        held = set(heldout_positions(len(rows))) if heldout else set()
         return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
     chunks = total // seqlen
-    held = list(range(4, chunks, 9))[:heldout] if chunks >= 9 else []
+    held = heldout_positions(chunks)[:heldout]
     rest, start = [], 0
     for c in held:  # the tokens between held-out chunks, joined (a fit window may span a gap)
         rest.append(ids[start : c * seqlen])
@@ -517,9 +523,9 @@ def heldout_nll(model: nn.Module, rows: list[Tensor]) -> float:
 def split_heldout(rows: list[Tensor], config) -> tuple[list[Tensor], list[Tensor]]:
     """(fit rows, held-out rows): every 9th window (spread over the text) is held out to check
     the result against round to nearest; fewer than 9 windows: none."""
-    if not isinstance(config, GPTQConfig) or len(rows) < 9:
+    if not isinstance(config, GPTQConfig):
         return rows, []
-    held = set(range(4, len(rows), 9))
+    held = set(heldout_positions(len(rows)))
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
 
 
