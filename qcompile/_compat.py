@@ -16,6 +16,13 @@ def source_name(source) -> str:
     return name() if callable(name) else name
 
 
+def uncompiled(module):
+    """`module` itself, or the module a `torch.compile(module)` wrapper (`OptimizedModule`) holds."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return module._orig_mod if isinstance(module, OptimizedModule) else module
+
+
 def compiled_calling_module():
     """The module the user compiled, seen from inside a backend call: the one an `OptimizedModule`
     on the Python stack wraps, else the outermost module whose frame runs Dynamo-compiled code

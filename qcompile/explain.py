@@ -6,6 +6,7 @@ import warnings
 import torch
 from torch import nn
 
+from . import _compat
 from .backend import Backend
 from .config import AttentionConfig, QuantConfig
 from .modules import QuantLinear
@@ -29,10 +30,11 @@ def explain(model_or_fn, *example_inputs, config: QuantConfig | None = None,
                       attention=attention, quantize_linears=quantize_linears)
     compiled = torch.compile(model_or_fn, backend=backend)
     compiled(*example_inputs, **example_kwargs)
-    report = Report(config=backend.describe(), graphs=reports, parallel=getattr(model_or_fn, "qcompile_parallel", None))
-    if isinstance(model_or_fn, nn.Module):
-        _check_paths(report, model_or_fn)
-        _describe_prequantized(report, model_or_fn)
+    model = _compat.uncompiled(model_or_fn)  # its module paths are the report's (no "_orig_mod." prefix)
+    report = Report(config=backend.describe(), graphs=reports, parallel=getattr(model, "qcompile_parallel", None))
+    if isinstance(model, nn.Module):
+        _check_paths(report, model)
+        _describe_prequantized(report, model)
     return report
 
 

@@ -107,6 +107,16 @@ def test_skip_patterns_and_lm_head_rule_read_the_paths(recwarn):
             assert lin.op == "qcompile::int4_mm_a8", path
 
 
+def test_explain_on_a_compiled_model_reads_the_paths_of_the_model_it_wraps(recwarn):
+    # qcompile.explain(torch.compile(model, ...), ids), as a user inspects what they compiled: the
+    # wrapper's named_modules() start with "_orig_mod.", the report's paths do not
+    torch._dynamo.reset()
+    model = tiny_llama()
+    report = qcompile.explain(torch.compile(model, backend=qcompile), torch.randint(0, 256, (1, 8)))
+    assert not [w for w in recwarn if "report paths" in str(w.message)]
+    assert sorted({x.path for x in report.linears}) == LLAMA_PATHS
+
+
 @pytest.mark.parametrize("source, path", [
     ("L['self']._modules['model']._modules['layers']._modules['0']._modules['self_attn']._modules['q_proj']",
      "model.layers.0.self_attn.q_proj"),

@@ -237,7 +237,8 @@ def test_quantize_tiny_llama_with_quik():
     torch.testing.assert_close(c, b, rtol=1e-4, atol=1e-4)
     # q/k/v and gate/up run as one op each (one quantization of their shared input), views of one buffer
     report = str(qcompile.explain(compiled, x))
-    assert report.count("[one op for q_proj+k_proj+v_proj]") == 3 * 2 and "fused into 4" in report
+    assert report.count("one op for q_proj+k_proj+v_proj]") == 3 * 2 and "fused into 4" in report
+    assert "quantized ahead of time: W4A4 per channel sym" in report  # the QUIK layers as quantize() made them
     assert attn.k_proj.qweight.untyped_storage().data_ptr() == attn.q_proj.qweight.untyped_storage().data_ptr()
 
 
