@@ -344,12 +344,13 @@ def test_batched_sampling_is_seeded_and_not_degenerate(batched):
     # can round an activation the other way, and a near-tie draw may then flip (CI saw one flip at
     # the last of 24 steps). So: equal tokens up to the first step whose logits differ.
     same, other = runs[1], runs[0]
-    differs = (same.logits != other.logits).flatten(2).any(2).any(0).nonzero().flatten().tolist()
+    differs = (same.logits != other.logits).any(2).any(0).nonzero().flatten().tolist()  # logits [batch, step, vocab]
     upto = differs[0] if differs else NEW
     print(f"same-seed runs: logits bitwise equal for {upto} of {NEW} steps"
           + (f", then up to {(same.logits[:, upto] - other.logits[:, upto]).abs().max():.3g} apart" if differs else ""))
     assert upto > 0, "the same seed and the same prompts gave different logits at the first step (the prefill)"
-    assert torch.equal(same.tokens[:, :upto], other.tokens[:, :upto]), "the same seed sampled different tokens from equal logits"
+    assert torch.equal(same.tokens[:, :upto], other.tokens[:, :upto]), \
+        "the same seed sampled different tokens from equal logits"
     assert not torch.equal(runs[0].tokens, runs[2].tokens), "another seed sampled the same tokens"
     for row, tokens in enumerate(runs[0].tokens):
         print(f"{BATCH_PROMPTS[row]!r} ~> {tok.decode(tokens)!r}")
