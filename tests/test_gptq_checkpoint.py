@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 import qcompile
 from qcompile import RTNConfig, lowering
 from qcompile.errors import CheckpointError
-from qcompile.formats import Int4Weight, Int8Weight, pack_nibbles
+from qcompile.formats import Int4Weight, Int8Weight, gptq_hf, pack_nibbles
 from qcompile.modules import QuantEmbedding, QuantLinear
 from qcompile.quantize import linear_modules
 from tests.conftest import tiny_llama
@@ -160,7 +160,8 @@ def check_logits(model, ref, ids):
 @pytest.mark.parametrize("desc_act", [False, True])
 @pytest.mark.parametrize("zero_format", ["gptq", "gptq_v2"])
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_load_gptq_checkpoint_matches_float64_dequantized(tmp_path, bits, zero_format, desc_act):
+def test_load_gptq_checkpoint_matches_float64_dequantized(tmp_path, monkeypatch, bits, zero_format, desc_act):
+    monkeypatch.setattr(gptq_hf, "UNPACK_COLUMNS", 48)  # several blocks of outputs per layer, the last one short
     weights, tensors = write_gptq_checkpoint(tmp_path, tiny_llama(), bits=bits, zero_format=zero_format,
                                              desc_act=desc_act, seed=bits)
     model = tiny_llama(seed=7)  # other float weights: everything must come from the checkpoint
@@ -408,3 +409,21 @@ def test_gptqmodel_loads_a_saved_model_to_the_same_logits(tmp_path):
     with torch.no_grad():
         out = theirs.model(ids).logits.float()
     torch.testing.assert_close(out, expected, rtol=0, atol=5e-3 * expected.abs().max().item())
+
+
+def test_a_meta_model_loads_a_gptq_checkpoint_and_computes_its_rotary_buffers(tmp_path):
+    """A GPTQ file does not hold non-persistent buffers (rotary inv_freq): a skeleton built on the
+    meta device gets them from its rotary module rebuilt on CPU, and gives the real model's logits."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = tiny_llama(rope_theta=5e5)
+    qcompile.quantize(model, RTNConfig(search="minmax"), progress=False)
+    qcompile.save(model, tmp_path, format="gptq")
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(5))
+    expected = model(ids).logits
+    with torch.device("meta"):
+        skeleton = LlamaForCausalLM(LlamaConfig(**{**model.config.to_dict(), "tie_word_embeddings": True})).eval()
+    qcompile.load(skeleton, tmp_path)
+    inv_freq = skeleton.model.rotary_emb.inv_freq
+    assert inv_freq.device.type == "cpu" and torch.equal(inv_freq, model.model.rotary_emb.inv_freq)
+    assert torch.equal(skeleton(ids).logits, expected)

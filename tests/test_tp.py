@@ -413,7 +413,7 @@ def test_groups_that_would_straddle_ranks_are_refused_before_anything_changes():
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_a_rank_reads_only_its_rows_and_columns_and_gets_the_same_shard(tmp_path, world):
-    """Without act_order, each rank reads its slices of the file (safetensors get_slice); the shard
+    """Without act_order, each rank reads its slices of the file; the shard
     it builds computes exactly what sharding the whole loaded model gives. Mixed formats."""
     model = tiny_llama(0, hidden_size=256, intermediate_size=512, num_attention_heads=8, num_key_value_heads=4,
                        attention_bias=True, tie_word_embeddings=False)
@@ -421,7 +421,22 @@ def test_a_rank_reads_only_its_rows_and_columns_and_gets_the_same_shard(tmp_path
     _swap(model, "model.layers.0.mlp.gate_proj", lut_weight(512, 256, 1))
     _swap(model, "model.layers.0.self_attn.o_proj", int8_weight(256, 256, 32, 3, perm=False), "float")
     qcompile.save(model, tmp_path)
+    _assert_sliced_load_is_the_shard(tmp_path, world)
 
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_a_rank_reads_only_its_part_of_a_gptq_checkpoint_without_desc_act(tmp_path, world):
+    """A Hugging Face GPTQ checkpoint without act_order: the rank reads its columns of qweight /
+    scales / qzeros (q/k/v, gate/up) and its rows of qweight, groups and g_idx (o/down), biases
+    included, and gets what loading the whole file and sharding it gives."""
+    model = tiny_llama(0, hidden_size=256, intermediate_size=512, num_attention_heads=8, num_key_value_heads=4,
+                       attention_bias=True, tie_word_embeddings=False)
+    qcompile.quantize(model, RTNConfig(group_size=32, search="minmax", cpu_activations="float"), progress=False)
+    qcompile.save(model, tmp_path, format="gptq")
+    _assert_sliced_load_is_the_shard(tmp_path, world)
+
+
+def _assert_sliced_load_is_the_shard(ckpt, world):
     def skeleton():
         with torch.device("meta"):
             return tiny_llama(0, hidden_size=256, intermediate_size=512, num_attention_heads=8,
@@ -429,8 +444,8 @@ def test_a_rank_reads_only_its_rows_and_columns_and_gets_the_same_shard(tmp_path
 
     for rank in range(world):
         with FakeGroup(rank, world):
-            sliced = qcompile.load(skeleton(), tmp_path, parallel=True)
-            whole = qcompile.parallelize(qcompile.load(skeleton(), tmp_path))
+            sliced = qcompile.load(skeleton(), ckpt, parallel=True)
+            whole = qcompile.parallelize(qcompile.load(skeleton(), ckpt))
         notes = {x.path: x.notes for x in sliced.qcompile_parallel.layers}
         assert notes["model.layers.0.self_attn.q_proj"] == ["read as this rank's rows"]
         assert notes["model.layers.1.mlp.down_proj"] == ["read as this rank's columns"]

@@ -15,7 +15,6 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -23,6 +22,7 @@ from .. import lowering
 from ..config import CPU_ACTIVATIONS, QuantConfig, cpu_activations_for
 from ..errors import CheckpointError
 from . import FORMATS, gptq_hf, standalone
+from .safetensors_reader import SafetensorsFile
 from .slicing import file_slices
 from ..modules import (QuantEmbedding, QuantLinear, _path_of, _set_module, colocate_siblings, holds_own_tensors,
                        linear_modules)
@@ -158,19 +158,21 @@ def load(model: nn.Module, path: str | Path, *, device: torch.device | str | Non
     if verify and _sha256(tensor_path) != meta.get("sha256"):
         raise CheckpointError(f"{tensor_path} does not match the SHA-256 recorded in {META_FILE}: "
                               "the file is corrupted or was replaced")
-    try:
-        f = safe_open(str(tensor_path), framework="pt", device="cpu")
-        keys = set(f.keys())
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{tensor_path} cannot be read as safetensors ({e}): the file is corrupted") from None
+    with SafetensorsFile(tensor_path) as f:
+        return _load_tensors(model, f, meta, saved, device, cpu_activations, sharder)
 
+
+def _load_tensors(model: nn.Module, f: SafetensorsFile, meta: dict, saved: str, device: torch.device,
+                  cpu_activations: str | None, sharder) -> nn.Module:
+    tensor_path = f.path
+    keys = set(f.keys())
     loaded: dict[str, torch.Tensor] = {}
 
     def get(name: str) -> torch.Tensor:
         if name not in keys:
             raise CheckpointError(f"{tensor_path} lacks tensor {name!r} listed in {META_FILE}")
         if name not in loaded:  # aliases (tied tensors) share one tensor
-            loaded[name] = f.get_tensor(name)
+            loaded[name] = f.get(name)
         return loaded[name]
 
     linears = {p: (m, w) for p, m, w in linear_modules(model)}
@@ -204,9 +206,7 @@ def load(model: nn.Module, path: str | Path, *, device: torch.device | str | Non
         if slices is None:
             fields = {t: get(f"{lpath}.{t}") for t in names}
         else:
-            # a slice may view the whole tensor (safetensors maps the file): own copies, so only the shard stays
-            fields = {t: f.get_slice(f"{lpath}.{t}")[slices[t]].clone(memory_format=torch.contiguous_format)
-                      if t in slices else get(f"{lpath}.{t}") for t in names}
+            fields = {t: f.get_slice(f"{lpath}.{t}", slices[t]) if t in slices else get(f"{lpath}.{t}") for t in names}
         used.update(f"{lpath}.{t}" for t in names)
         fields["group_size"] = lmeta.get("group_size")
         if lmeta["format"] == "int4":
@@ -225,9 +225,9 @@ def load(model: nn.Module, path: str | Path, *, device: torch.device | str | Non
         acts = (lmeta.get("cpu_activations") if cpu_activations is None else None) or \
             cpu_activations_for(cpu_activations or saved, lpath, lmeta["format"])
         _set_module(model, lpath, QuantLinear(lowering.pack(canonical, device, acts), bias))
-        if sharder is not None:
-            for t in names:  # the layer holds them now; after sharding, only its shard stays
-                loaded.pop(f"{lpath}.{t}", None)
+        for t in names:  # the layer holds its own (packed) tensors now: the file's go
+            loaded.pop(f"{lpath}.{t}", None)
+        if sharder is not None:  # after sharding, only its shard stays
             sharder.layer_ready(lpath, local=(n, k) if slices is not None else None)
 
     for emb_path, head_path in meta.get("tied_embeddings", {}).items():

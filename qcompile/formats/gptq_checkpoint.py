@@ -13,7 +13,6 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -21,6 +20,8 @@ from .. import lowering
 from ..config import QuantConfig, cpu_activations_for
 from ..errors import CheckpointError
 from . import Int4Weight, gptq_hf, standalone
+from .safetensors_reader import SafetensorsFile
+from .slicing import gptq_file_slices, take_rows
 from ..modules import QuantEmbedding, QuantLinear, _set_module, colocate_siblings, holds_own_tensors, linear_modules
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -39,15 +40,13 @@ class _Tensors:
             files = sorted(path.glob("*.safetensors"))
         if not files:
             raise CheckpointError(f"{path} has a GPTQ config but no *.safetensors file")
-        self.where: dict[str, tuple[object, Path]] = {}
+        self.where: dict[str, SafetensorsFile] = {}
         for file in files:
-            try:
-                handle = safe_open(str(file), framework="pt", device="cpu")
-                names = list(handle.keys())
-            except (SafetensorError, OSError) as e:
-                raise CheckpointError(f"{file} cannot be read as safetensors ({e}): the file is missing or corrupted") from None
-            for name in names:
-                self.where[name] = (handle, file)
+            if not file.is_file():
+                raise CheckpointError(f"{file} not found: {index.name} lists it")
+            handle = SafetensorsFile(file)
+            for name in handle.keys():
+                self.where[name] = handle
 
     def keys(self) -> set[str]:
         return set(self.where)
@@ -56,11 +55,14 @@ class _Tensors:
         return name in self.where
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        handle, file = self.where[name]
-        try:
-            return handle.get_tensor(name)
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{file}: tensor {name!r} cannot be read ({e}): the file is corrupted") from None
+        return self.where[name].get(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.where[name].shape(name)
+
+    def read(self, name: str, index: tuple | None) -> torch.Tensor:
+        """The tensor, or its `index` slice (read as such) where one is given."""
+        return self[name] if index is None else self.where[name].get_slice(name, index)
 
 
 @torch.no_grad()
@@ -80,34 +82,46 @@ def load_gptq(model: nn.Module, path: Path, config: dict, device: torch.device,
         if prefix not in linears:
             raise CheckpointError(f"GPTQ layer {prefix!r} has no linear layer at that path in {type(model).__name__}: "
                                   "the checkpoint is for another architecture")
+        for required in ("qzeros", "scales"):
+            if f"{prefix}.{required}" not in tensors:
+                raise CheckpointError(f"{path}: GPTQ layer {prefix} has a qweight but no {required}")
+    layers_meta = _layers_meta(tensors, prefixes, linears) if sharder is not None else {}
+    for prefix in prefixes:
         mod, w = linears[prefix]
         n, k = w.shape
         present = {t: f"{prefix}.{t}" for t in gptq_hf.TENSOR_NAMES if f"{prefix}.{t}" in tensors}
-        for required in ("qzeros", "scales"):
-            if required not in present:
-                raise CheckpointError(f"{path}: GPTQ layer {prefix} has a qweight but no {required}")
-        layer = {t: tensors[key] for t, key in present.items()}
-        if layer["scales"].dim() != 2 or layer["scales"].shape[1] != n:
-            raise CheckpointError(f"layer {prefix}: checkpoint scales {tuple(layer['scales'].shape)} do not fit its "
-                                  f"{n} output features: the checkpoint is for another architecture or configuration")
-        bits = gptq_hf.layer_bits(layer["qweight"], k, prefix, config["bits"])
+        bits = gptq_hf.layer_bits(tensors.shape(present["qweight"])[0], k, prefix, config["bits"])
         if bits != config["bits"] and not config["dynamic"]:
             raise CheckpointError(f"{prefix}.qweight holds {bits}-bit codes, but {config['source']} says "
                                   f"bits={config['bits']}: the config does not belong to these tensors")
+        # a tensor-parallel rank reads only its rows / columns where the packing allows
+        plan = sharder.read_plan(prefix, layers_meta) if sharder is not None else None
+        slices = None
+        if plan is not None and len(tensors.shape(present["scales"])) == 2:
+            slices = gptq_file_slices(bits, tensors.shape(present["scales"])[0], k, *plan)
+        layer = {t: tensors.read(key, (slices or {}).get(t)) for t, key in present.items()}
+        if slices is not None:
+            axis, start, end = plan
+            n, k = (end - start, k) if axis == "rows" else (n, end - start)
+            if axis == "cols" and "g_idx" in layer and "scales" in slices:  # the rank's groups count from 0
+                layer["g_idx"] = layer["g_idx"] - slices["scales"][0].start
+        if layer["scales"].dim() != 2 or layer["scales"].shape[1] != n:
+            raise CheckpointError(f"layer {prefix}: checkpoint scales {tuple(layer['scales'].shape)} do not fit its "
+                                  f"{n} output features: the checkpoint is for another architecture or configuration")
         weight = gptq_hf.to_qcompile(layer, bits, config["zero_format"], config["group_size"], k, n, prefix)
         why = lowering.unsupported_reason(weight.format_name, n, k, weight.group_size, device)
         if why is not None:
             raise CheckpointError(f"{prefix}: {why}")
         bias = None
         if f"{prefix}.bias" in tensors:
-            bias = tensors[f"{prefix}.bias"].to(device=device, dtype=w.dtype)
+            bias = tensors.read(f"{prefix}.bias", (slices or {}).get("bias")).to(device=device, dtype=w.dtype)
             used.add(f"{prefix}.bias")
         untied |= input_emb is not None and getattr(input_emb, "weight", None) is mod.weight
         acts = cpu_activations_for(cpu_activations, prefix, weight.format_name)
         _set_module(model, prefix, QuantLinear(lowering.pack(weight, device, acts), bias))
         used.update(present.values())
         if sharder is not None:
-            sharder.layer_ready(prefix)
+            sharder.layer_ready(prefix, local=tuple(w.shape) if slices is not None else None)
     _load_float_tensors(model, tensors, used, device, path)
     if untied and hasattr(getattr(model, "config", None), "tie_word_embeddings"):
         model.config.tie_word_embeddings = False  # the quantized head no longer shares the float table
@@ -116,6 +130,21 @@ def load_gptq(model: nn.Module, path: Path, config: dict, device: torch.device,
     if sharder is not None:
         sharder.finish()
     return model
+
+
+def _layers_meta(tensors: _Tensors, prefixes: list[str], linears: dict) -> dict[str, dict]:
+    """What tensor parallelism's read plan needs of each GPTQ layer (qcompile's per-layer metadata
+    keys): shape, group size, and whether its groups are out of input order (act_order: read whole)."""
+    meta = {}
+    for prefix in prefixes:
+        n, k = linears[prefix][1].shape
+        groups = tensors.shape(f"{prefix}.scales")[0]
+        act_order = False
+        if f"{prefix}.g_idx" in tensors and k % groups == 0:
+            act_order = not torch.equal(tensors[f"{prefix}.g_idx"].long(), torch.arange(k) // (k // groups))
+        meta[prefix] = {"format": "gptq", "out_features": n, "in_features": k, "act_order": act_order or k % groups != 0,
+                        "group_size": k // groups if groups > 1 and k % groups == 0 else None}
+    return meta
 
 
 def _share_int8_table(model: nn.Module) -> None:
@@ -127,8 +156,11 @@ def _share_int8_table(model: nn.Module) -> None:
         return
     if tuple(emb.weight.shape) != (head.out_features, head.in_features):
         return
-    table = lowering.unpack(head.packed_weight()).dequantize(emb.weight.dtype)
-    if torch.equal(table.to(emb.weight.device), emb.weight):
+    table = lowering.unpack(head.packed_weight())
+    rows = torch.arange(head.out_features)
+    # a block of rows at a time: dequantizing the whole table would hold three float copies of it
+    if all(torch.equal(take_rows(table, r).dequantize(emb.weight.dtype).to(emb.weight.device), emb.weight[r[0]:r[-1] + 1])
+           for r in rows.split(1024)):
         path = next(p for p, m in model.named_modules() if m is emb)
         _set_module(model, path, QuantEmbedding(head, emb.weight.dtype, emb.padding_idx))
 
@@ -148,7 +180,7 @@ def _load_float_tensors(model: nn.Module, tensors: _Tensors, used: set[str], dev
         saved = [n for n in names if n in persistent]
         if not saved:  # a non-persistent buffer (rotary inv_freq, ...): the model computes it
             transient.update(names)
-            if old.device.type == "meta":
+            if old.device.type == "meta" and not _compute_buffer(model, names, device):
                 on_meta.extend(names)
             continue
         src = next((n for n in saved if n in tensors), None)
@@ -173,10 +205,34 @@ def _load_float_tensors(model: nn.Module, tensors: _Tensors, used: set[str], dev
                               "it was saved from another architecture or configuration")
     if on_meta:
         raise CheckpointError(f"buffers {on_meta[:5]} are on the meta device and are not saved in checkpoints "
-                              "(the model computes them when built): build the model on a real device")
+                              "(the model computes them when built, and their module cannot be rebuilt from its "
+                              "config): build the model on a real device, or those modules after building on meta")
     unexpected = tensors.keys() - used - transient
     if unexpected:
         raise CheckpointError(f"{path} has {len(unexpected)} tensors the model lacks, e.g. {sorted(unexpected)[:5]}")
+
+
+def _compute_buffer(model: nn.Module, names: list[str], device: torch.device) -> bool:
+    """A meta model's non-persistent buffer (a GPTQ file does not hold it): build its module, one
+    without parameters, again from its config on `device` (Hugging Face rotary embeddings:
+    `Module(config)`) and take the buffer from it. False where the module cannot be built that way."""
+    owner_path, _, attr = names[0].rpartition(".")
+    owner = model.get_submodule(owner_path) if owner_path else model
+    config = getattr(owner, "config", None)
+    if config is None or next(owner.parameters(), None) is not None:  # only small parameter-free modules
+        return False
+    try:
+        with torch.device(device):
+            fresh = type(owner)(config)
+    except (TypeError, ValueError, AttributeError, KeyError):
+        return False
+    value = fresh._buffers.get(attr)
+    if value is None or value.device.type == "meta":
+        return False
+    for name in names:
+        path, _, a = name.rpartition(".")
+        (model.get_submodule(path) if path else model)._buffers[a] = value
+    return True
 
 
 def _is_symmetric(weight) -> bool:

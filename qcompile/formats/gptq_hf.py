@@ -126,17 +126,20 @@ def _read_json(p: Path) -> dict:
 
 
 # --- one layer: GPTQ tensors -> qcompile format ---------------------------------------------------
-def layer_bits(qweight: Tensor, in_features: int, where: str, expected: int) -> int:
+def layer_bits(qweight_rows: int, in_features: int, where: str, expected: int) -> int:
     """The code width of a layer, read from its qweight's row count (GPTQModel's `dynamic` configs
     mix widths): `expected` (the config's) when it fits, else the one width that fits."""
-    fits = [b for b in BITS if packed_words(in_features, b) == qweight.shape[0]]
+    fits = [b for b in BITS if packed_words(in_features, b) == qweight_rows]
     if expected in fits:
         return expected
     if len(fits) != 1:
-        raise CheckpointError(f"{where}.qweight has {qweight.shape[0]} rows, which fits no GPTQ code width "
+        raise CheckpointError(f"{where}.qweight has {qweight_rows} rows, which fits no GPTQ code width "
                               f"{BITS} for {in_features} input features (expected ceil({in_features}·bits/32)): "
                               "a corrupted file, or a checkpoint of a model with other layer sizes")
     return fits[0]
+
+
+UNPACK_COLUMNS = 256
 
 
 def to_qcompile(tensors: dict[str, Tensor], bits: int, zero_format: str, group_size: int,
@@ -170,7 +173,6 @@ def to_qcompile(tensors: dict[str, Tensor], bits: int, zero_format: str, group_s
         raise CheckpointError(f"{where}.g_idx names groups {g_idx.min().item()}..{g_idx.max().item()}, "
                               f"but scales has {groups}")
 
-    codes = unpack_bits(qweight, bits, k)                      # [K, N], the layer's input order
     zeros = unpack_bits(qzeros.t(), bits, n).t()               # [G, N]
     if zero_format == "gptq":
         zeros = zeros + 1                                      # v1 stores z - 1
@@ -186,18 +188,22 @@ def to_qcompile(tensors: dict[str, Tensor], bits: int, zero_format: str, group_s
     stored_group = g_idx[perm[::d]]                            # checkpoint group of each stored group
     s = scales[stored_group].t().contiguous()                  # [N, K/d]
     z = zeros[stored_group].t().to(torch.float16).contiguous()
-    q = codes[perm].t().contiguous()                           # [N, K]: stored[:, j] = W[:, perm[j]]
     if torch.equal(perm, torch.arange(k)):
         perm = None
+    q = torch.empty(n, k, dtype=torch.uint8)                   # [N, K]: stored[:, j] = W[:, perm[j]]
+    for c in range(0, n, UNPACK_COLUMNS):  # a block of outputs at a time: int32 temporaries stay small
+        codes = unpack_bits(qweight[:, c:c + UNPACK_COLUMNS], bits, k)  # [K, block], the layer's input order
+        q[c:c + UNPACK_COLUMNS] = (codes if perm is None else codes[perm]).t()
     if bits <= 4:
         return Int4Weight(pack_nibbles(q), s, z, d, bits, perm)
     if torch.all(z == 128):                                    # symmetric: the kernels' fast path
         z = None
     else:
         z = z - 128
+    q = (q ^ 0x80).view(torch.int8)                            # code - 128, in place of a widening subtract
     if d == k and z is None:                                   # per channel: scales [N]
-        return Int8Weight((q - 128).to(torch.int8), s[:, 0].contiguous(), None, None, perm)
-    return Int8Weight((q - 128).to(torch.int8), s, z, d, perm)
+        return Int8Weight(q, s[:, 0].contiguous(), None, None, perm)
+    return Int8Weight(q, s, z, d, perm)
 
 
 # --- one layer: qcompile format -> GPTQ tensors ---------------------------------------------------

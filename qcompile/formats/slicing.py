@@ -149,3 +149,25 @@ def file_slices(meta: dict, axis: str, start: int, end: int) -> dict[str, tuple]
     if fmt != "lut" and group:
         out.update({n: (slice(None), slice(start // group, end // group)) for n in names[1:]})
     return out
+
+
+def gptq_file_slices(bits: int, groups: int, in_features: int, axis: str, start: int, end: int) -> dict[str, tuple] | None:
+    """What to read of a Hugging Face GPTQ layer's tensors (qweight [K·bits/32, N], qzeros
+    [G, N·bits/32], scales [G, N], g_idx [K], bias [N]; groups in input order, no act_order) for
+    output channels (axis="rows") or input features (axis="cols") ``start..end-1``: a slice tuple per
+    tensor name (absent: read whole), or None where the packing does not split there (bounds not on
+    32 codes, so that every width's words split, or inside a group). For "cols" the caller
+    subtracts the first group's index from the g_idx it reads."""
+    if start % 32 or end % 32:
+        return None
+    words = slice(start * bits // 32, end * bits // 32)
+    if axis == "rows":
+        return {"qweight": (slice(None), slice(start, end)), "scales": (slice(None), slice(start, end)),
+                "qzeros": (slice(None), words), "bias": (slice(start, end),)}
+    out = {"qweight": (words,), "g_idx": (slice(start, end),)}
+    if groups > 1:
+        size = in_features // groups
+        if start % size or end % size:
+            return None
+        out |= {"scales": (slice(start // size, end // size),), "qzeros": (slice(start // size, end // size),)}
+    return out
