@@ -143,31 +143,38 @@ def memory(rank, world, path):
 def memory_table(worlds, out: str) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    path = CACHE / "llama-768-deep_rtn_g64"
-    if not (path / "qcompile.json").is_file():
+    # integer zero-points (min-max RTN) so that the same layers also save as a GPTQ checkpoint
+    path, gptq_path = CACHE / "llama-768-deep_rtn_minmax_g64", CACHE / "llama-768-deep_rtn_minmax_g64_gptq"
+    if not (path / "qcompile.json").is_file() or not (gptq_path / "model.safetensors").is_file():
         torch.manual_seed(0)
         model = LlamaForCausalLM(LlamaConfig(**LLAMA_768_DEEP)).eval()
-        qcompile.quantize(model, qcompile.RTNConfig(group_size=64))
+        qcompile.quantize(model, qcompile.RTNConfig(group_size=64, search="minmax"))
         qcompile.save(model, path)
+        qcompile.save(model, gptq_path, format="gptq")
         del model
     file_mib = (path / "model.safetensors").stat().st_size / 2**20
     lines = ["# Memory per rank when each rank reads its shard (`qcompile.load(meta_model, path, parallel=True)`)", "",
-             f"A random Llama, 24 blocks, hidden 768, 12/6 heads, intermediate 3072, RTN int4 g64 (file {file_mib:.0f} MiB; "
-             "embeddings and lm_head float32, replicated: 48 MiB). Each rank fills a meta-device model; MiB added to "
-             "the process by loading (RSS), max over ranks, with QCOMPILE_KEEP_FREED_MEMORY=0; the model's tensors: "
-             "the storages its parameters and buffers hold on the rank; private (RssAnon): RSS without the "
-             "checkpoint pages safetensors maps (file pages, shared by the ranks).", "",
-             "| TP | model tensors on the rank | of which sharded linears | RSS added, peak while loading | RSS added, after | of which private (RssAnon) |",
-             "|---|---|---|---|---|---|"]
+             f"A random Llama, 24 blocks, hidden 768, 12/6 heads, intermediate 3072, RTN (min-max) int4 g64 (qcompile file "
+             f"{file_mib:.0f} MiB; the float32 embedding, 24 MiB, and the int8 lm_head, 6 MiB, are replicated), saved as a qcompile checkpoint "
+             "and as a Hugging Face GPTQ checkpoint. Each rank fills a meta-device model; MiB added to the process by "
+             "loading (RSS), max over ranks, with QCOMPILE_KEEP_FREED_MEMORY=0 (glibc's defaults: freed memory that "
+             "glibc keeps still counts); the model's tensors: the storages its parameters and buffers hold on the "
+             "rank; private (RssAnon): RSS less file-backed pages (qcompile reads checkpoints with plain reads, "
+             "nothing is mapped). Both are read as slices: each rank its rows / columns of layers without act_order.", "",
+             "| checkpoint | TP | model tensors on the rank | of which sharded linears | RSS added, peak while loading "
+             "| peak / the rank's tensors | RSS added, after | of which private (RssAnon) |",
+             "|---|---|---|---|---|---|---|---|"]
     # glibc's defaults, so that freed memory leaves the process (qcompile/malloc.py keeps it by default)
     os.environ["QCOMPILE_KEEP_FREED_MEMORY"] = "0"
-    for world in worlds:
-        res = run_local_ranks(world, memory, path, timeout_s=900)
-        peak, resident = max(r["peak_mib"] for r in res), max(r["resident_mib"] for r in res)
-        local, live = res[0]["local_sharded_mib"], max(r["live_mib"] for r in res)
-        anon = max(r["anon_mib"] for r in res)
-        lines.append(f"| {world} | {live:.0f} | {'all' if local is None else f'{local:.0f}'} | {peak:.0f} | {resident:.0f} | {anon:.0f} |")
-        print(lines[-1], flush=True)
+    for kind, ckpt in (("qcompile", path), ("HF GPTQ", gptq_path)):
+        for world in worlds:
+            res = run_local_ranks(world, memory, ckpt, timeout_s=900)
+            peak, resident = max(r["peak_mib"] for r in res), max(r["resident_mib"] for r in res)
+            local, live = res[0]["local_sharded_mib"], max(r["live_mib"] for r in res)
+            anon = max(r["anon_mib"] for r in res)
+            lines.append(f"| {kind} | {world} | {live:.0f} | {'all' if local is None else f'{local:.0f}'} | {peak:.0f} "
+                         f"| {peak / live:.2f} | {resident:.0f} | {anon:.0f} |")
+            print(lines[-1], flush=True)
     Path(out + "_memory.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
