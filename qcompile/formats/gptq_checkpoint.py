@@ -96,11 +96,11 @@ def load_gptq(model: nn.Module, path: Path, config: dict, device: torch.device,
                                   f"bits={config['bits']}: the config does not belong to these tensors")
         # a tensor-parallel rank reads only its rows / columns where the packing allows
         plan = sharder.read_plan(prefix, layers_meta) if sharder is not None else None
-        slices = None
+        slices = {}  # none: read whole
         if plan is not None and len(tensors.shape(present["scales"])) == 2:
-            slices = gptq_file_slices(bits, tensors.shape(present["scales"])[0], k, *plan)
-        layer = {t: tensors.read(key, (slices or {}).get(t)) for t, key in present.items()}
-        if slices is not None:
+            slices = gptq_file_slices(bits, tensors.shape(present["scales"])[0], k, *plan) or {}
+        layer = {t: tensors.read(key, slices.get(t)) for t, key in present.items()}
+        if slices:
             axis, start, end = plan
             n, k = (end - start, k) if axis == "rows" else (n, end - start)
             if axis == "cols" and "g_idx" in layer and "scales" in slices:  # the rank's groups count from 0
@@ -114,14 +114,14 @@ def load_gptq(model: nn.Module, path: Path, config: dict, device: torch.device,
             raise CheckpointError(f"{prefix}: {why}")
         bias = None
         if f"{prefix}.bias" in tensors:
-            bias = tensors.read(f"{prefix}.bias", (slices or {}).get("bias")).to(device=device, dtype=w.dtype)
+            bias = tensors.read(f"{prefix}.bias", slices.get("bias")).to(device=device, dtype=w.dtype)
             used.add(f"{prefix}.bias")
         untied |= input_emb is not None and getattr(input_emb, "weight", None) is mod.weight
         acts = cpu_activations_for(cpu_activations, prefix, weight.format_name)
         _set_module(model, prefix, QuantLinear(lowering.pack(weight, device, acts), bias))
         used.update(present.values())
         if sharder is not None:
-            sharder.layer_ready(prefix, local=tuple(w.shape) if slices is not None else None)
+            sharder.layer_ready(prefix, local=tuple(w.shape) if slices else None)
     _load_float_tensors(model, tensors, used, device, path)
     if untied and hasattr(getattr(model, "config", None), "tie_word_embeddings"):
         model.config.tie_word_embeddings = False  # the quantized head no longer shares the float table
@@ -193,13 +193,7 @@ def _load_float_tensors(model: nn.Module, tensors: _Tensors, used: set[str], dev
             raise CheckpointError(f"tensor {src}: checkpoint shape {tuple(value.shape)}, model shape {tuple(old.shape)}")
         value = value.to(device=device, dtype=old.dtype if old.is_floating_point() and value.is_floating_point() else value.dtype)
         new = nn.Parameter(value, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else value
-        for name in names:
-            owner_path, _, attr = name.rpartition(".")
-            owner = model.get_submodule(owner_path) if owner_path else model
-            if isinstance(new, nn.Parameter):
-                setattr(owner, attr, new)
-            else:
-                owner._buffers[attr] = new
+        _place(model, names, new)
     if missing:
         raise CheckpointError(f"{path} lacks {len(missing)} tensors the model has, e.g. {missing[:5]}: "
                               "it was saved from another architecture or configuration")
@@ -229,10 +223,19 @@ def _compute_buffer(model: nn.Module, names: list[str], device: torch.device) ->
     value = fresh._buffers.get(attr)
     if value is None or value.device.type == "meta":
         return False
-    for name in names:
-        path, _, a = name.rpartition(".")
-        (model.get_submodule(path) if path else model)._buffers[a] = value
+    _place(model, names, value)
     return True
+
+
+def _place(model: nn.Module, names: list[str], value: torch.Tensor) -> None:
+    """`value` as the parameter or buffer under each of `names` (tied names: one object)."""
+    for name in names:
+        owner_path, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_path) if owner_path else model
+        if isinstance(value, nn.Parameter):
+            setattr(owner, attr, value)
+        else:
+            owner._buffers[attr] = value
 
 
 def _is_symmetric(weight) -> bool:
