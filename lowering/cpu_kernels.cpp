@@ -30,6 +30,7 @@
 #include <algorithm>
 #include <bit>
 #include <cstring>
+#include <limits>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -1029,6 +1030,219 @@ at::Tensor quik_linear_cpu(const at::Tensor& x, const at::Tensor& int_idx, const
   return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
 }
 
+
+// --- attention over a few query rows (decode) -------------------------------------------------------
+// qcompile::decode_attention_kernel: q [B, H, R, D] holds the R query rows that read K/V head h (its G
+// query heads x L tokens), k [B, H, S, D], v [B, H, S, Dv], mask broadcastable to [B, H, R, S] (float:
+// added to the scores; bool: true = attend). SDPA's CPU flash kernel costs 30-60 us a call at decode
+// sizes whatever the work (SmolLM2: 3 rows x 3 heads x 200 keys); here each K/V row is loaded once for
+// all R rows, and the keys split into chunks (flash-decoding): per chunk its row maxima, sums and
+// P.V, combined at the end, so two threads share even a single head and long caches stream at
+// memory speed. Float32 only (the caller keeps other dtypes on SDPA). A row that sees no key gets
+// zeros, as SDPA does.
+constexpr int64_t ATTN_CHUNK = 256;
+
+#ifdef __AVX512F__
+// e^x for x <= 0 (softmax after the max is subtracted): x = n ln2 + r, |r| <= ln2/2, e^r by Cephes'
+// expf polynomial (~1 ulp), 2^n by scalef; below -104 the result is 0 (as float, to within 1e-45).
+inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(y, n);
+}
+#endif
+
+inline float dot(const float* a, const float* b, int64_t D) {
+  int64_t d = 0;
+  float acc = 0.f;
+#ifdef __AVX512F__
+  if (D >= 16) {
+    __m512 v = _mm512_mul_ps(_mm512_loadu_ps(a), _mm512_loadu_ps(b));
+    for (d = 16; d + 16 <= D; d += 16) v = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), _mm512_loadu_ps(b + d), v);
+    acc = _mm512_reduce_add_ps(v);
+  }
+#endif
+  for (; d < D; ++d) acc += a[d] * b[d];
+  return acc;
+}
+
+// o[0:Dv] = sum_j w[j] * v[j * stride : j * stride + Dv], accumulated in registers 64 columns at a time
+inline void weighted_rows(const float* w, const float* v, int64_t stride, int64_t n, int64_t Dv, float* o) {
+  int64_t d = 0;
+#ifdef __AVX512F__
+  for (; d + 64 <= Dv; d += 64) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t j = 0; j < n; ++j) {
+      const __m512 x = _mm512_set1_ps(w[j]);
+      const float* vr = v + j * stride + d;
+      a0 = _mm512_fmadd_ps(x, _mm512_loadu_ps(vr), a0);
+      a1 = _mm512_fmadd_ps(x, _mm512_loadu_ps(vr + 16), a1);
+      a2 = _mm512_fmadd_ps(x, _mm512_loadu_ps(vr + 32), a2);
+      a3 = _mm512_fmadd_ps(x, _mm512_loadu_ps(vr + 48), a3);
+    }
+    _mm512_storeu_ps(o + d, a0);
+    _mm512_storeu_ps(o + d + 16, a1);
+    _mm512_storeu_ps(o + d + 32, a2);
+    _mm512_storeu_ps(o + d + 48, a3);
+  }
+  for (; d + 16 <= Dv; d += 16) {
+    __m512 a = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; ++j) a = _mm512_fmadd_ps(_mm512_set1_ps(w[j]), _mm512_loadu_ps(v + j * stride + d), a);
+    _mm512_storeu_ps(o + d, a);
+  }
+#endif
+  for (; d < Dv; ++d) {
+    float a = 0.f;
+    for (int64_t j = 0; j < n; ++j) a += w[j] * v[j * stride + d];
+    o[d] = a;
+  }
+}
+
+inline float row_max(const float* p, int64_t n) {
+  float mx = -std::numeric_limits<float>::infinity();
+  int64_t j = 0;
+#ifdef __AVX512F__
+  __m512 m = _mm512_set1_ps(mx);
+  for (; j + 16 <= n; j += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(p + j));
+  mx = _mm512_reduce_max_ps(m);
+#endif
+  for (; j < n; ++j) mx = std::max(mx, p[j]);
+  return mx;
+}
+
+// p[j] = e^(p[j] - mx) in place; returns their sum
+inline float exp_shifted_sum(float* p, int64_t n, float mx) {
+  float sum = 0.f;
+  int64_t j = 0;
+#ifdef __AVX512F__
+  const __m512 m = _mm512_set1_ps(mx);
+  __m512 acc = _mm512_setzero_ps();
+  for (; j < n; j += 16) {
+    const __mmask16 k = n - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1);
+    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, p + j), m));
+    _mm512_mask_storeu_ps(p + j, k, e);
+    acc = _mm512_mask_add_ps(acc, k, acc, e);
+  }
+  sum = _mm512_reduce_add_ps(acc);
+#endif
+  for (; j < n; ++j) {
+    p[j] = std::exp(p[j] - mx);
+    sum += p[j];
+  }
+  return sum;
+}
+
+at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const std::optional<at::Tensor>& mask, double scale) {
+  const char* name = "qcompile::decode_attention_kernel";
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, name, ": q, k, v must be 4-D [batch, heads, seq, dim]");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
+              name, ": q, k, v must be float32");
+  const int64_t B = q.size(0), H = q.size(1), R = q.size(2), D = q.size(3), S = k.size(2), Dv = v.size(3);
+  TORCH_CHECK(k.size(0) == B && v.size(0) == B && k.size(1) == H && v.size(1) == H && v.size(2) == S &&
+              k.size(3) == D, name, ": q ", q.sizes(), ", k ", k.sizes(), ", v ", v.sizes(), " do not match");
+  const at::Tensor qc = q.contiguous();
+  const at::Tensor kc = k.stride(3) == 1 ? k : k.contiguous();  // a static cache is read in place
+  const at::Tensor vc = v.stride(3) == 1 ? v : v.contiguous();
+  at::Tensor mk;
+  const bool has_mask = mask.has_value() && mask->defined();
+  if (has_mask) {
+    TORCH_CHECK(mask->dim() == 4, name, ": mask must be 4-D, got ", mask->sizes());
+    TORCH_CHECK(mask->scalar_type() == at::kFloat || mask->scalar_type() == at::kBool, name,
+                ": mask must be float32 or bool, got ", mask->scalar_type());
+    mk = mask->expand({B, H, R, S});  // broadcast dimensions keep stride 0: nothing is copied
+    if (S > 1 && mk.stride(3) != 1) mk = mk.contiguous();
+  }
+  at::Tensor out = at::empty({B, H, R, Dv}, q.options());
+  if (B * H * R * Dv == 0) return out;
+  // chunks of at most ATTN_CHUNK keys, and enough of them (>= 32 keys each) for two tasks a thread
+  const int64_t want = (2 * at::get_num_threads() + B * H - 1) / (B * H);
+  const int64_t C = std::max<int64_t>({1, (S + ATTN_CHUNK - 1) / ATTN_CHUNK, std::min(want, S / 32)});
+  const int64_t chunk = (S + C - 1) / C;
+  std::vector<float> part_max(B * H * C * R), part_sum(B * H * C * R), part_out(B * H * C * R * Dv);
+  const float* qp = qc.data_ptr<float>();
+  const float* kp = kc.data_ptr<float>();
+  const float* vp = vc.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  const bool bool_mask = has_mask && mk.scalar_type() == at::kBool;
+  const float* mf = has_mask && !bool_mask ? mk.data_ptr<float>() : nullptr;
+  const bool* mb = bool_mask ? mk.data_ptr<bool>() : nullptr;
+  const int64_t ms0 = has_mask ? mk.stride(0) : 0, ms1 = has_mask ? mk.stride(1) : 0, ms2 = has_mask ? mk.stride(2) : 0;
+  const float NEG_INF = -std::numeric_limits<float>::infinity();
+  const int64_t ks2 = kc.stride(2), vs2 = vc.stride(2);
+  // one task per (batch, head, chunk of keys)
+  at::parallel_for(0, B * H * C, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> p(R * chunk);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / (H * C), h = (t / C) % H, c = t % C;
+      const int64_t s0 = c * chunk, n = std::max<int64_t>(0, std::min(S, s0 + chunk) - s0);
+      const float* kb = kp + b * kc.stride(0) + h * kc.stride(1);
+      const float* vb = vp + b * vc.stride(0) + h * vc.stride(1);
+      const float* qb = qp + (b * H + h) * R * D;
+      const int64_t mrow = b * ms0 + h * ms1;
+      for (int64_t j = 0; j < n; ++j) {  // scores: each key row once for all R query rows
+        const float* kr = kb + (s0 + j) * ks2;
+        for (int64_t r = 0; r < R; ++r) p[r * n + j] = dot(qb + r * D, kr, D) * sc;
+      }
+      if (mf || mb) {
+        for (int64_t r = 0; r < R; ++r) {
+          float* pr = &p[r * n];
+          const int64_t at = mrow + r * ms2 + s0;
+          if (mf) for (int64_t j = 0; j < n; ++j) pr[j] += mf[at + j];
+          else for (int64_t j = 0; j < n; ++j) pr[j] = mb[at + j] ? pr[j] : NEG_INF;
+        }
+      }
+      float* om = &part_max[t * R];
+      float* os = &part_sum[t * R];
+      float* oo = &part_out[t * R * Dv];
+      for (int64_t r = 0; r < R; ++r) {
+        float* pr = &p[r * n];
+        const float mx = row_max(pr, n);
+        om[r] = mx;
+        if (mx != NEG_INF) {
+          os[r] = exp_shifted_sum(pr, n, mx);
+        } else {
+          std::fill(pr, pr + n, 0.f);
+          os[r] = 0.f;
+        }
+      }
+      for (int64_t r = 0; r < R; ++r) weighted_rows(&p[r * n], vb + s0 * vs2, vs2, n, Dv, oo + r * Dv);
+    }
+  });
+  float* op = out.data_ptr<float>();
+  for (int64_t bh = 0; bh < B * H; ++bh) {  // combine the chunks of each row
+    for (int64_t r = 0; r < R; ++r) {
+      float mx = NEG_INF;
+      for (int64_t c = 0; c < C; ++c) mx = std::max(mx, part_max[(bh * C + c) * R + r]);
+      float* o = op + (bh * R + r) * Dv;
+      std::fill(o, o + Dv, 0.f);
+      if (mx == NEG_INF) continue;
+      float total = 0.f;
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t i = (bh * C + c) * R + r;
+        if (part_max[i] == NEG_INF) continue;
+        const float w = std::exp(part_max[i] - mx);
+        total += w * part_sum[i];
+        const float* po = &part_out[i * Dv];
+        for (int64_t d = 0; d < Dv; ++d) o[d] += w * po[d];
+      }
+      const float inv = 1.f / total;
+      for (int64_t d = 0; d < Dv; ++d) o[d] *= inv;
+    }
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(QCOMPILE_OPS, CPU, m) {
@@ -1039,4 +1253,5 @@ TORCH_LIBRARY_IMPL(QCOMPILE_OPS, CPU, m) {
   m.impl("lut_mm_kernel", &lut_mm_cpu);
   m.impl("int4_mm_a8_kernel", &int4_mm_a8_cpu);
   m.impl("int8_mm_a8_kernel", &int8_mm_a8_cpu);
+  m.impl("decode_attention_kernel", &decode_attention_cpu);
 }

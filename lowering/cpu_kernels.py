@@ -30,7 +30,7 @@ import torch
 SOURCE = Path(__file__).with_suffix(".cpp")
 ISA_FLAGS = {"native": [], "avx2": ["-mno-avx512f"], "scalar": ["-mno-avx"]}  # what -march=native loses
 KERNEL_OPS = ("int4_mm_kernel", "int8_mm_kernel", "lut_mm_kernel", "int4_mm_a8_kernel", "int8_mm_a8_kernel",
-              "int8_gemm", "quik_linear")
+              "int8_gemm", "quik_linear", "decode_attention_kernel")
 _variant_libs: list = []  # the variant namespaces' op definitions, kept alive
 
 

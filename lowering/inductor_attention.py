@@ -1,8 +1,9 @@
 """Inductor treatment of `qcompile::gqa_attention_kernel`.
 
-CPU: a decomposition into the op's CPU path (`gqa_attention_sdpa`: SDPA on the grouped query rows,
-or SDPA's own GQA for causal prefill), so Inductor compiles attention into its own aten SDPA call
-(the CPU flash kernel) with no Python in the loop; left opaque, every call would go through the
+CPU: a decomposition into the op's CPU path (`gqa_attention_sdpa`: for decode, at most
+`DECODE_MAX_ROWS` query rows per K/V head, qcompile's C++ `decode_attention_kernel`; otherwise SDPA on
+the grouped query rows, or SDPA's own GQA for causal prefill), so the compiled graph calls a kernel
+with no Python in the loop; left opaque, every call would go through the
 dispatcher into Python (~40 us a call at SmolLM2 decode shapes, benchmarks/results/attention_cpu.md;
 30 layers x 40 us is ~8% of a 64 tok/s decode step). CUDA and other devices: the op stays an extern
 call to its kernel (the Triton kernel on CUDA).

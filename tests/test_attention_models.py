@@ -42,8 +42,8 @@ def test_smollm2_rewrite_is_lossless_and_greedy_generation_identical(smollm2_loa
 def test_smollm2_decode_allocates_no_repeated_kv(smollm2_loader):
     """One compiled decode step on a 16-token cache: the graph the pass hands to Inductor has no node
     repeating K/V to [1, 9, 17, 64] (the graph Dynamo gave it had two per layer), and the generated
-    code allocates no buffer of that shape: it calls the CPU flash kernel on q as [1, 3, 3, 64] rows
-    (`lowering/inductor_attention.py`). (Without the pass, Inductor's CPU code does not allocate
+    code allocates no buffer of that shape: it calls qcompile's decode attention kernel on q as
+    [1, 3, 3, 64] rows (`lowering/inductor_attention.py`). (Without the pass, Inductor's CPU code does not allocate
     one for this decode step either: it folds the expand into its fused 1-row bmm, still reading each
     K/V head once per query head; prefill graphs and eager execution do materialise the copy.)"""
     from torch._inductor.utils import run_and_get_code
@@ -63,8 +63,8 @@ def test_smollm2_decode_allocates_no_repeated_kv(smollm2_loader):
     assert attention.before.count(".expand(1, 3, 3, 17, 64)") == 60  # K and V in 30 layers
     assert ".expand(1, 3, 3, 17, 64)" not in attention.after
     assert not re.search(r"empty_strided\w*\(\(1, 9, 17, 64\)", code)
-    # on CPU the op decomposes to SDPA on the grouped query rows: one flash-attention call per layer
-    assert code.count("aten._scaled_dot_product_flash_attention_for_cpu.default(") == 30
+    # on CPU the op decomposes to the decode kernel on the grouped query rows: one call per layer, no SDPA
+    assert code.count("qcompile.decode_attention_kernel.default(") == 30 and "scaled_dot_product" not in code
 
 
 def test_smollm2_three_to_one_kv_head_conversion(smollm2_loader, held_out_ids, float_ppl):

@@ -25,12 +25,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _compat
+from .kernels import load_kernels
 
 _lib = torch.library.Library("qcompile", "FRAGMENT")
 _SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor? attn_mask=None, Tensor? alibi_slopes=None, "
            "Tensor? alibi_positions=None, float? scale=None, bool is_causal=False) -> Tensor")
 _lib.define("gqa_attention" + _SCHEMA)
 _lib.define("gqa_attention_kernel" + _SCHEMA)
+# The CPU path's kernel for a few query rows per K/V head (decode): q [B, Hkv, R, D] (the G query heads
+# x L tokens of each K/V head), mask broadcastable to [B, Hkv, R, S] (float added / bool attend), float32.
+_lib.define("decode_attention_kernel(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor")
+DECODE_MAX_ROWS = 64  # query rows per K/V head up to which the CPU path calls decode_attention_kernel
 
 
 # --- ALiBi slopes ---------------------------------------------------------------------------------
@@ -157,7 +162,9 @@ def gqa_attention_sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None
     Not causal (decode, encoders, padded prefill): the G query heads of a K/V head become G*L rows of
     one head, q [B, Hkv, G*L, D], so SDPA sees plain multi-head attention over the Hkv stored heads and
     reads each K/V head once (on 1 CPU thread, decode: 1.1x faster than SDPA's enable_gqa at SmolLM2
-    shapes, 1.8x at Llama-3-8B shapes with an 8k cache). Causal with L > 1 on CPU: SDPA's own GQA
+    shapes, 1.8x at Llama-3-8B shapes with an 8k cache). On CPU in float32 with at most
+    DECODE_MAX_ROWS rows, those rows go to `decode_attention_kernel` instead (C++, lowering/
+    cpu_kernels.cpp): SDPA's CPU kernel costs 30-60 us a call at decode sizes whatever the work. Causal with L > 1 on CPU: SDPA's own GQA
     (enable_gqa=True; its CPU flash kernel indexes the shared head, checked: no repeat_interleave, and
     skips the masked blocks that the grouped rows would need an explicit mask for).
     """
@@ -181,8 +188,26 @@ def gqa_attention_sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None
         mask = attention_bias(q, k, attn_mask, alibi_slopes, alibi_positions, is_causal, q.dtype)
     if mask is not None:
         mask = _grouped_rows(mask.expand(mask.shape[0], mask.shape[1], L, mask.shape[3]), hkv, g)
-    out = F.scaled_dot_product_attention(rows, k, v, attn_mask=mask, scale=scale)
+    if (q.device.type == "cpu" and g * L <= DECODE_MAX_ROWS and q.dtype == k.dtype == torch.float32
+            and (mask is None or mask.dtype in (torch.float32, torch.bool)) and load_kernels(q.device)):
+        scale = 1.0 / math.sqrt(d) if scale is None else scale
+        out = torch.ops.qcompile.decode_attention_kernel(rows, k, v, mask, scale)
+    else:
+        out = F.scaled_dot_product_attention(rows, k, v, attn_mask=mask, scale=scale)
     return out.reshape(b, hq, L, v.shape[3]).contiguous()
+
+
+def decode_attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+    """`decode_attention_kernel` without the compiled kernel (q's rows read their own K/V head)."""
+    if mask is not None and mask.dtype == torch.bool:  # SDPA gives NaN where a bool mask hides every key
+        mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return torch.nan_to_num(out, nan=0.0).contiguous()  # a row that sees no key: zeros
+
+
+@torch.library.register_fake("qcompile::decode_attention_kernel")
+def _(q, k, v, mask, scale):
+    return q.new_empty(*q.shape[:3], v.shape[3])
 
 
 @torch.library.register_fake("qcompile::gqa_attention_kernel")
@@ -224,6 +249,7 @@ def gqa_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = No
 
 
 _lib.impl("gqa_attention_kernel", gqa_attention_sdpa, "CompositeExplicitAutograd")
+_lib.impl("decode_attention_kernel", decode_attention_reference, "CompositeExplicitAutograd")
 _lib.impl("gqa_attention", gqa_attention, "CompositeImplicitAutograd")
 
 GQA_ATTENTION = torch.ops.qcompile.gqa_attention.default

@@ -8,7 +8,7 @@ import torch
 KERNEL_LOADERS: dict = {}
 
 
-def load_kernels(device: torch.device) -> None:
+def load_kernels(device: torch.device) -> bool:
+    """Load `device`'s compiled kernels; True if they are there (False: the ops run their references)."""
     loader = KERNEL_LOADERS.get(device.type)
-    if loader is not None:
-        loader()
+    return bool(loader is not None and loader())
