@@ -181,11 +181,12 @@ def main() -> None:
               "Per layer, best of {} calls{}. K/V read: distinct K/V bytes the attention reads (repeat_kv: the "
               "Hq-head copy; the others: the Hkv cached heads). K/V copied: what repeat_kv reads and writes "
               "to make that copy. All layers per token. A padding mask is given (as `generate` with "
-              "padding passes one), so HF takes the repeat_kv path. qcompile (eager): the kernel op called "
-              "from Python (dispatch into its Python CPU path and the mask reshapes cost ~40 us over a bare SDPA "
-              "call at SmolLM2 shapes); qcompile (Inductor): a compiled one-op function, so each call also pays "
-              "Dynamo's guard check, which a whole-model graph pays once per step (there, on CPU, the op is "
-              "decomposed into the SDPA call on grouped rows).".format(args.repeats, load), ""]
+              "padding passes one), so HF takes the repeat_kv path. qcompile (eager): the op called from "
+              "Python (on CPU its Python path sends the grouped query rows to the C++ decode_attention_kernel; "
+              "the dispatch and mask reshapes cost ~10-20 us a call); qcompile (Inductor): a compiled one-op "
+              "function, so each call also pays Dynamo's guard check, which a whole-model graph pays once per "
+              "step (there, on CPU, the op is decomposed into the kernel call on grouped rows).".format(
+                  args.repeats, load), ""]
     lines += decode_table(device, dtype, args.repeats)
     out = args.out or ROOT / "benchmarks" / "results" / f"attention_{device.type}.md"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -92,18 +92,20 @@ def mark_added_inputs_static(gm: torch.fx.GraphModule) -> None:
             node.meta.setdefault("tensor_dict", {})["_dynamo_static_input_type"] = "unguarded"
 
 
-def cache_salt_pass(files: list[str]):
-    """A post-grad pass that changes nothing but whose uuid hashes `files`.
+def digest_files(files: list[str]) -> str:
+    import hashlib
+
+    return hashlib.sha256(b"".join(open(f, "rb").read() for f in sorted(files))).hexdigest()
+
+
+def cache_salt_pass(digest: str):
+    """A post-grad pass that changes nothing but whose uuid is `digest`.
 
     Inductor's on-disk graph cache keys on the graph and its config, not on the decompositions,
     layout constraints and lowerings qcompile registers; without this, a changed qcompile could
     reuse code compiled by an older one.
     """
-    import hashlib
-
     from torch._inductor.custom_graph_pass import CustomGraphPass
-
-    digest = hashlib.sha256(b"".join(open(f, "rb").read() for f in sorted(files))).hexdigest()
 
     class QCompileCacheSalt(CustomGraphPass):
         def __call__(self, graph) -> None:

@@ -107,14 +107,22 @@ class Backend:
 
 
 @functools.cache
-def _cache_salt():
+def _source_digest() -> str:
     import qcompile.lowering
 
     here = Path(__file__).parent
     lowering = Path(qcompile.lowering.__file__).parent
     files = [*(here / "ops").glob("*.py"), here / "_compat.py", *lowering.glob("*.py"),
              *lowering.glob("*.cpp")]
-    return _compat.cache_salt_pass([str(f) for f in files])
+    return _compat.digest_files([str(f) for f in files])
+
+
+def _cache_salt():
+    """Inductor's graph cache key gets qcompile's source and the module settings its ops read while a
+    graph is traced (which kernel a decomposition picks)."""
+    from .ops import attention, linear
+
+    return _compat.cache_salt_pass(f"{_source_digest()}:{attention.DECODE_MAX_ROWS}:{linear.A8_MAX_ROWS}")
 
 
 def _own_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
