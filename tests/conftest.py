@@ -9,6 +9,22 @@ import torch
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+CPU_FLAGS = next((line.split() for line in open("/proc/cpuinfo").read().splitlines() if line.startswith("flags")), [])
+CPU_ISAS = [  # the builds of lowering/cpu_kernels.cpp a test compares: this CPU's, AVX2 (no AVX-512), scalar
+    "native",
+    pytest.param("avx2", marks=pytest.mark.skipif("avx2" not in CPU_FLAGS, reason="no AVX2 on this CPU")),
+    "scalar",
+]
+
+
+def cpu_kernel_ops(isa: str):
+    """The op namespace of one build of the CPU kernels (torch.ops.qcompile for the native one)."""
+    from qcompile.lowering import cpu_kernels
+
+    assert cpu_kernels.load(isa), f"the {isa} CPU kernels did not build"
+    return torch.ops.qcompile if isa == "native" else getattr(torch.ops, f"qcompile_{isa}")
+
+
 def tiny_llama(seed: int = 0, **overrides):
     """A 2-layer Llama (GQA: 4 query heads, 2 KV heads) with random weights and tied embeddings."""
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -1,27 +1,14 @@
 """W4A8 / W8A8 decode ops (int8 activations): the CPU kernels, in each ISA variant, against their float64
 reference (tight: the integer sums are exact, only float32 combination rounds), against the float-activation
 ops (loose: within the activation rounding bound), and their errors."""
-from pathlib import Path
-
 import pytest
 import torch
 
 from qcompile.formats import pack_nibbles, unpack_nibbles
-from qcompile.lowering import cpu_kernels
 from qcompile.ops import linear
+from tests.conftest import CPU_ISAS as ISAS, cpu_kernel_ops as ops
 
-FLAGS = next((line.split() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), [])
-ISAS = [
-    "native",
-    pytest.param("avx2", marks=pytest.mark.skipif("avx2" not in FLAGS, reason="no AVX2 on this CPU")),
-    "scalar",
-]
 RTOL = 1e-5  # of the output's scale (its largest magnitude in the row of y)
-
-
-def ops(isa):
-    assert cpu_kernels.load(isa), f"the {isa} CPU kernels did not build"
-    return torch.ops.qcompile if isa == "native" else getattr(torch.ops, f"qcompile_{isa}")
 
 
 def random_int4(n, k, group, seed, scale_dtype=torch.bfloat16, zero_dtype=torch.float16):

@@ -1,27 +1,12 @@
 """qcompile::decode_attention_kernel (the CPU path's attention for a few query rows per K/V head): the
 C++ kernel in each ISA variant against float64 attention, its no-compiler reference, and that
 decode under torch.compile calls it instead of SDPA."""
-from pathlib import Path
-
 import pytest
 import torch
 
 import qcompile
-from qcompile.lowering import cpu_kernels
 from qcompile.ops.attention import decode_attention_reference, gqa_attention_reference
-from tests.conftest import tiny_llama
-
-FLAGS = next((line.split() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), [])
-ISAS = [
-    "native",
-    pytest.param("avx2", marks=pytest.mark.skipif("avx2" not in FLAGS, reason="no AVX2 on this CPU")),
-    "scalar",
-]
-
-
-def ops(isa):
-    assert cpu_kernels.load(isa), f"the {isa} CPU kernels did not build"
-    return torch.ops.qcompile if isa == "native" else getattr(torch.ops, f"qcompile_{isa}")
+from tests.conftest import CPU_ISAS as ISAS, cpu_kernel_ops as ops, tiny_llama
 
 
 def float64_attention(q, k, v, mask, scale):
@@ -136,3 +121,15 @@ def test_compiled_static_cache_decode_calls_the_kernel_and_matches_eager():
                 out = m(**step)
             logits[name] = out.logits
     assert (logits["compiled"] - logits["eager"]).abs().max() < 1e-4
+
+
+def test_inductor_cache_key_holds_the_kernel_choice(monkeypatch):
+    """The decomposition picks the kernel by DECODE_MAX_ROWS when a graph is traced, so Inductor's
+    on-disk graph cache must not serve a graph traced under another value."""
+    from qcompile.backend import _cache_salt
+    from qcompile.ops import attention
+
+    default = _cache_salt().uuid()
+    assert _cache_salt().uuid() == default
+    monkeypatch.setattr(attention, "DECODE_MAX_ROWS", 0)
+    assert _cache_salt().uuid() != default
