@@ -164,8 +164,8 @@ def gqa_attention_sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None
     reads each K/V head once (on 1 CPU thread, decode: 1.1x faster than SDPA's enable_gqa at SmolLM2
     shapes, 1.8x at Llama-3-8B shapes with an 8k cache). On CPU in float32 with at most
     DECODE_MAX_ROWS rows, those rows go to `decode_attention_kernel` instead (C++, lowering/
-    cpu_kernels.cpp): SDPA's CPU kernel costs 30-60 us a call at decode sizes whatever the work. Causal with L > 1 on CPU: SDPA's own GQA
-    (enable_gqa=True; its CPU flash kernel indexes the shared head, checked: no repeat_interleave, and
+    cpu_kernels.cpp): SDPA's CPU kernel costs 30-60 us a call at decode sizes whatever the work.
+    Causal with L > 1 on CPU: SDPA's own GQA (enable_gqa=True; its CPU flash kernel indexes the shared head, checked: no repeat_interleave, and
     skips the masked blocks that the grouped rows would need an explicit mask for).
     """
     b, hq, L, d = q.shape
