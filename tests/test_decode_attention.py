@@ -10,14 +10,8 @@ from tests.conftest import CPU_ISAS as ISAS, cpu_kernel_ops as ops, tiny_llama
 
 
 def float64_attention(q, k, v, mask, scale):
-    """softmax(q k^T * scale + mask) v per (batch, head) in float64; rows that see no key give zeros."""
-    scores = torch.einsum("bhrd,bhsd->bhrs", q.double(), k.double()) * scale
-    if mask is not None:
-        scores = scores + (mask.double() if mask.dtype != torch.bool
-                           else torch.zeros(mask.shape, dtype=torch.float64).masked_fill(~mask, float("-inf")))
-    seen = torch.isfinite(scores).any(-1, keepdim=True)
-    p = torch.softmax(torch.where(seen, scores, torch.zeros_like(scores)), -1) * seen
-    return torch.einsum("bhrs,bhsd->bhrd", p, v.double())
+    """The op's float64 oracle, each of q's R rows a query position of its own K/V head."""
+    return gqa_attention_reference(q, k, v, mask, scale=scale)
 
 
 SHAPES = {  # (B, H, R, D, Dv, S): R = query rows per K/V head (G heads x L tokens)
