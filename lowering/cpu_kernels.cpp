@@ -40,6 +40,9 @@
 #include <cmath>
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
 #define QCOMPILE_VNNI 1
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define QCOMPILE_VNNI512 1  // 512-bit vpdpbusd and byte operations
+#endif
 #endif
 #ifndef QCOMPILE_OPS  // cpu_kernels.py builds test variants for lesser ISAs into their own op namespace
 #define QCOMPILE_OPS qcompile
@@ -459,6 +462,21 @@ inline __m256i load32(const void* p) { return _mm256_loadu_si256(static_cast<con
 inline __m128i load16(const void* p) { return _mm_loadu_si128(static_cast<const __m128i*>(p)); }
 #endif
 
+#ifdef QCOMPILE_VNNI512
+// acc += u (unsigned bytes) . s (signed bytes), 4 products per int32 lane. Written as asm: GCC 12 copies every
+// accumulator of the intrinsic's loop twice per step and re-loads the weights from memory for each row.
+inline __m512i dpbusd(__m512i acc, __m512i u, __m512i s) {
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "v"(s));
+  return acc;
+}
+
+// acc += x * w in registers (as asm for the same reason: GCC re-loads w from memory for every row)
+inline __m512 fmadd(__m512 x, __m512 w, __m512 acc) {
+  asm("vfmadd231ps %2, %1, %0" : "+v"(acc) : "v"(x), "v"(w));
+  return acc;
+}
+#endif
+
 // R int4 weight rows from w (hk bytes apart) x one row of int8 activations (ae/ao: the codes of the even/odd
 // columns): out[i] = sum_g ssx[i][g] sum_{k in g} q a, with ssx = s * sx; the caller takes off the zero-point term.
 template <int R>
@@ -512,10 +530,104 @@ void int4_a8_rows(const uint8_t* w, int64_t hk, const int8_t* ae, const int8_t* 
   }
 }
 
+#ifdef QCOMPILE_VNNI512
+// int4_a8_rows with 512-bit vectors, for groups whose half (hg bytes of a row) divides 64 or is a multiple of 64:
+// a step takes 64 bytes (128 codes) of each row, whose 16 int32 lanes (4 bytes each) fall in 64 / hg groups (or
+// one), and one permute spreads those groups' scales over the lanes. Twice the codes per instruction of the
+// 256-bit loop and one float FMA per 64 bytes instead of one per group: the 256-bit loop ran at 10-12 GB/s on
+// one core, bound by instructions. ssx: per row, s * sx per group and 16 zeros after the last; zt: per row, the
+// zero-point term as a vector whose lanes sum to it.
+template <int R>
+void int4_a8_rows512(const uint8_t* w, int64_t hk, const int8_t* ae, const int8_t* ao, const float* const* ssx,
+                     const __m512* zt, int64_t hg, __m512i lanes, float* out) {
+  __m512 acc[R];
+  for (int i = 0; i < R; ++i) acc[i] = _mm512_sub_ps(_mm512_setzero_ps(), zt[i]);
+  const __m512i low = _mm512_set1_epi8(15);
+  // the step's first group and, for hg > 64, its bytes before the step: counted, as a division per step cost more
+  // than the step
+  const int64_t advance = hg <= 64 ? 64 / hg : 0;
+  int64_t g0 = 0, into = 0;
+  auto step = [&](int64_t j, __mmask64 mask) {
+    const __m512i xe = _mm512_maskz_loadu_epi8(mask, ae + j), xo = _mm512_maskz_loadu_epi8(mask, ao + j);
+    for (int i = 0; i < R; ++i) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + (R + i) * hk + j), _MM_HINT_T0);  // the next step's rows
+      const __m512i v = _mm512_maskz_loadu_epi8(mask, w + i * hk + j);
+      const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+      const __m512i d = dpbusd(dpbusd(_mm512_setzero_si512(), lo, xe), hi, xo);
+      const __m512 scale = _mm512_permutexvar_ps(lanes, _mm512_loadu_ps(ssx[i] + g0));
+      acc[i] = fmadd(_mm512_cvtepi32_ps(d), scale, acc[i]);
+    }
+    if (advance) {
+      g0 += advance;
+    } else if ((into += 64) == hg) {
+      ++g0;
+      into = 0;
+    }
+  };
+  int64_t j = 0;
+  for (; j + 64 <= hk; j += 64) step(j, ~0ULL);
+  if (j < hk) step(j, (1ULL << (hk - j)) - 1);  // masked bytes read as code 0 and activation 0
+  for (int i = 0; i < R; ++i) out[i] = _mm512_reduce_add_ps(acc[i]);
+}
+
+// count (<= 16) values of p from i as floats, the rest of the vector 0.
+inline __m512 load_params16(const Params& p, int64_t i, int64_t count) {
+  const __mmask16 mask = count >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << count) - 1);
+  switch (p.dtype) {
+    case at::kFloat: return _mm512_maskz_loadu_ps(mask, static_cast<const float*>(p.data) + i);
+    case at::kBFloat16: {
+      const __m256i h = _mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(p.data) + i);
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    default: return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(p.data) + i));
+  }
+}
+
+void int4_a8_gemv512(const ActsQ& q, int64_t M, int64_t K, const uint8_t* qw, const Params& s, const Params& z,
+                     int64_t N, int64_t group, float* y) {
+  const int64_t hk = K / 2, G = K / group, hg = group / 2, Gp = G + 16;
+  alignas(64) int32_t lane_group[16];  // lane l holds bytes 4l..4l+3 of a step: group g0 + 4l / hg
+  for (int l = 0; l < 16; ++l) lane_group[l] = hg < 64 ? 4 * l / static_cast<int32_t>(hg) : 0;
+  const __m512i lanes = _mm512_load_si512(lane_group);
+  at::parallel_for(0, N, 16, [&, hk, G, hg, Gp](int64_t n0, int64_t n1) {
+    std::vector<float> ssx(ROWS * Gp);  // its padding stays 0
+    const float* ps[ROWS];
+    for (int i = 0; i < ROWS; ++i) ps[i] = &ssx[i * Gp];
+    for (int64_t n = n0; n < n1; n += ROWS) {
+      const int rows = static_cast<int>(std::min<int64_t>(ROWS, n1 - n));
+      for (int64_t m = 0; m < M; ++m) {
+        const float *sx = &q.sx[m * G], *bz = &q.bz[m * G];
+        const int8_t* a = &q.a[m * K];
+        __m512 zt[ROWS];
+        for (int i = 0; i < rows; ++i) {  // s * sx per group, and the zero-point term s * z * bz
+          zt[i] = _mm512_setzero_ps();
+          for (int64_t g = 0; g < G; g += 16) {
+            const __mmask16 mask = G - g >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (G - g)) - 1);
+            const __m512 sv = load_params16(s, (n + i) * G + g, G - g), zv = load_params16(z, (n + i) * G + g, G - g);
+            _mm512_mask_storeu_ps(&ssx[i * Gp + g], mask, _mm512_mul_ps(sv, _mm512_maskz_loadu_ps(mask, sx + g)));
+            zt[i] = _mm512_fmadd_ps(_mm512_mul_ps(sv, zv), _mm512_maskz_loadu_ps(mask, bz + g), zt[i]);
+          }
+        }
+        float out[ROWS];
+        if (rows == ROWS)
+          int4_a8_rows512<ROWS>(qw + n * hk, hk, a, a + hk, ps, zt, hg, lanes, out);
+        else
+          for (int i = 0; i < rows; ++i)
+            int4_a8_rows512<1>(qw + (n + i) * hk, hk, a, a + hk, ps + i, zt + i, hg, lanes, out + i);
+        for (int i = 0; i < rows; ++i) y[m * N + n + i] = out[i];
+      }
+    }
+  });
+}
+#endif
+
 void int4_a8_gemv(const float* x, int64_t M, int64_t K, const uint8_t* qw, const Params& s, const Params& z,
                   int64_t N, int64_t group, float* y) {
   const int64_t hk = K / 2, G = K / group, hg = group / 2;
   const ActsQ q = quantize_acts(x, M, K, group, true, false);
+#ifdef QCOMPILE_VNNI512
+  if (hg % 4 == 0 && (64 % hg == 0 || hg % 64 == 0)) return int4_a8_gemv512(q, M, K, qw, s, z, N, group, y);
+#endif
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     std::vector<float> sf(ROWS * G), zf(ROWS * G), ssx(ROWS * G);
     const float* ps[ROWS];
@@ -828,21 +940,8 @@ struct QuikArgs {
   int64_t n;  // output channels (the row stride of y)
 };
 
-#if defined(QCOMPILE_VNNI) && defined(__AVX512F__) && defined(__AVX512BW__)
-// acc += u (unsigned bytes) . s (signed bytes), 4 products per int32 lane. Written as asm: GCC 12 copies every
-// accumulator of the intrinsic's loop twice per step and re-loads the weights from memory for each row.
-inline __m512i dpbusd(__m512i acc, __m512i u, __m512i s) {
-  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "v"(s));
-  return acc;
-}
-
+#ifdef QCOMPILE_VNNI512
 // MR rows of activation codes (au, Kp apart) x NV blocks of 16 channels from block nb.
-// acc += x * w in registers (as asm for the same reason: GCC re-loads w from memory for every row)
-inline __m512 fmadd(__m512 x, __m512 w, __m512 acc) {
-  asm("vfmadd231ps %2, %1, %0" : "+v"(acc) : "v"(x), "v"(w));
-  return acc;
-}
-
 template <int MR, int NV, bool FOUR>
 void quik_tile(const QuikArgs& w, int64_t nb, const uint8_t* au, int64_t Kp, const int32_t* zc, const float* sx,
                const float* xf, float* y) {
@@ -1017,7 +1116,7 @@ at::Tensor quik_linear_cpu(const at::Tensor& x, const at::Tensor& int_idx, const
       quantize_token(xp + m * Kx, ic.data_ptr<int32_t>(), K, fc.data_ptr<int32_t>(), F, maxq, buf.data(),
                      &codes[m * Kp], &xf[m * F], sx[m], zero[m]);
   });
-#if defined(QCOMPILE_VNNI) && defined(__AVX512F__) && defined(__AVX512BW__)
+#ifdef QCOMPILE_VNNI512
   // tasks: pairs of 16-channel blocks x all rows (the pair's weights stay in cache while the rows stream by)
   at::parallel_for(0, (Nb + 1) / 2, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {

@@ -44,7 +44,10 @@ def assert_tight(y, ref):
 
 
 INT4_SHAPES = [(37, 576, 64), (100, 2304, 128), (19, 96, 32), (33, 48, 16), (50, 1536, 32), (65, 320, 160),
-               (7, 2304, 2304)]  # odd N; groups of 64/128 codes, 32 (16 bytes), 160 (32 + 16 bytes), 16 (scalar tail)
+               (7, 2304, 2304), (21, 512, 8), (13, 1024, 256), (11, 96, 24)]
+# odd N; 256-bit loop: groups of 64/128 codes, 32 (16 bytes), 160 (32 + 16 bytes), 16 (scalar tail); 512-bit loop
+# (AVX-512 VNNI): 64-byte steps with 2 (group 64), 4 (32), 16 (8) groups or part of one (128, 256, 2304), a
+# masked last step (576: 32 bytes, 96: 48); groups of 160 and 24 take the 256-bit loop there too
 
 
 @pytest.mark.parametrize("isa", ISAS)
