@@ -94,8 +94,9 @@ def mark_added_inputs_static(gm: torch.fx.GraphModule) -> None:
 
 def digest_files(files: list[str]) -> str:
     import hashlib
+    from pathlib import Path
 
-    return hashlib.sha256(b"".join(open(f, "rb").read() for f in sorted(files))).hexdigest()
+    return hashlib.sha256(b"".join(Path(f).read_bytes() for f in sorted(files))).hexdigest()
 
 
 def cache_salt_pass(digest: str):

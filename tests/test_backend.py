@@ -290,3 +290,35 @@ def test_default_recipe_keeps_the_last_decoder_block_int8():
     assert ops["model.layers.6.self_attn.q_proj"][0] == "qcompile::int4_mm_a8"
     # an explicit config is taken as given
     assert RTNConfig().int8 == ()
+
+
+def test_a_decode_step_compiled_for_training_warns_that_it_copies_the_cache():
+    """A static-cache decode loop written without torch.no_grad() compiles a training graph, which copies
+    the cache it mutates on every call: the backend says so (warning and report); under no_grad it is quiet."""
+    import warnings
+
+    from qcompile.backend import Backend
+    from transformers import StaticCache
+
+    torch.manual_seed(0)
+    model = tiny_llama(num_key_value_heads=2).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 6))
+    notes = {}
+    for grad in (True, False):
+        torch._dynamo.reset()
+        reports = []
+        compiled = torch.compile(model, backend=Backend(quantize_linears=False, inductor=False, reports=reports))
+        cache = StaticCache(config=model.config, max_cache_len=16)
+        with torch.no_grad():
+            model(input_ids=ids, past_key_values=cache, use_cache=True)
+        with warnings.catch_warnings(record=True) as caught, torch.set_grad_enabled(grad):
+            warnings.simplefilter("always")
+            compiled(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True, cache_position=torch.tensor([6]))
+        notes[grad] = ([str(w.message) for w in caught if str(w.message).startswith("qcompile: this graph mutates")],
+                       [n for r in reports for n in r.notes if "compiled for training" in n])
+    warned, in_report = notes[True]
+    layers = model.config.num_hidden_layers
+    assert len(warned) == 1 and len(in_report) == 1 and "torch.no_grad()" in warned[0]
+    mutated = int(in_report[0].split("mutates ")[1].split()[0])  # keys and values per layer (newer HF: + a length)
+    assert mutated >= 2 * layers and "past_key_values_layers_0_keys" in in_report[0]
+    assert notes[False] == ([], [])
