@@ -132,6 +132,7 @@ def measure(name, make, tok, args, device):
 
 # --- --static: static KV cache, compiled decode steps (CUDA graphs on CUDA) ---------------------------
 REDUCE_OVERHEAD = dict(mode="reduce-overhead")
+UNGUARDED_VARIANT = "qcompile (backend=qcompile), nn.Module guards skipped"
 
 
 def static_decode(model, compile_kwargs: dict | None):
@@ -354,12 +355,20 @@ def variants(args, device):
         config = qcompile.default_config(m)
         return config if activations is None else dataclasses.replace(config, cpu_activations=activations)
 
-    def with_qcompile(m, activations=None, fuse=True):
+    def with_qcompile(m, activations=None, fuse=True, module_guards=True):
         backend = qcompile if activations is None and fuse else \
             qcompile.backend(config_for(m, activations), fuse_projections=fuse)
+        # module_guards=False: Dynamo stops guarding nn.Module attributes (torch.compiler's
+        # skip_guard_on_all_nn_modules_unsafe): a module changed after compiling is not noticed. torch.compile
+        # takes mode= or options=, not both; on CPU reduce-overhead changes nothing, so it is left out.
+        kwargs = REDUCE_OVERHEAD if module_guards else \
+            dict(options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
         if args.static:
-            return static_decode(m, dict(backend=backend, **REDUCE_OVERHEAD))
-        return torch.compile(m, backend=backend)
+            return static_decode(m, dict(backend=backend, **kwargs))
+        return torch.compile(m, backend=backend, **({} if module_guards else kwargs))
+
+    def qcompile_backend_unguarded():
+        return with_qcompile(fresh(), module_guards=False)
 
     def qcompile_backend(activations=None):
         return lambda: with_qcompile(fresh(), activations)
@@ -386,6 +395,10 @@ def variants(args, device):
                 (f"qcompile (quantize + compile{x})", qcompile_ahead(a))]
         if getattr(args, "unfused", False):
             out.append((f"qcompile (quantize + compile{x}, unfused)", qcompile_ahead(a, fuse=False)))
+    if getattr(args, "skip_module_guards", False):
+        if device.type == "cuda":
+            raise SystemExit("--skip-module-guards is a CPU row (it drops mode='reduce-overhead')")
+        out.append((UNGUARDED_VARIANT, qcompile_backend_unguarded))
     out += [(f"qcompile checkpoint {Path(c).name}", checkpoint(c)) for c in args.checkpoint or ()]
     if args.static:
         out.append(torchao_static(args, device, fresh))
@@ -456,6 +469,9 @@ def main():
     p.add_argument("--append", action="store_true", help="--static: merge the rows into an existing results file")
     p.add_argument("--bare", action="store_true", help="--static: also time a bare greedy loop (static cache, "
                    "the compiled one-token forward, argmax; no generate()): the 'bare loop tok/s' column")
+    p.add_argument("--skip-module-guards", action="store_true", help="CPU: also time backend=qcompile compiled "
+                   "with guard_filter_fn=torch.compiler.skip_guard_on_all_nn_modules_unsafe (Dynamo's guard "
+                   "evaluation was ~20%% of a SmolLM2 decode step; unsafe if a module is changed after compiling)")
     p.add_argument("--unfused", action="store_true", help="also time quantize + compile with "
                    "fuse_projections=False (q/k/v and gate/up as separate ops)")
     p.add_argument("--cpu-activations", nargs="*", choices=("int8", "float"),

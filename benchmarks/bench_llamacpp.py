@@ -242,21 +242,27 @@ def measure_qcompile(args, tok) -> list[dict]:
     opts = types.SimpleNamespace(model="smollm2", arch=None, dtype=torch.float32, static=True, cpu_activations=None,
                                  checkpoint=None, tokens=args.tokens, repeats=args.repeats, max_seconds=None,
                                  bare=True)
-    make = dict(bench_decode.variants(opts, device))[QCOMPILE_VARIANT]
+    opts.skip_module_guards = args.skip_module_guards
+    made = dict(bench_decode.variants(opts, device))
+    variants = [(QCOMPILE_VARIANT, "backend=qcompile, default recipe")]
+    if args.skip_module_guards:
+        variants.append((bench_decode.UNGUARDED_VARIANT, "backend=qcompile, default recipe, nn.Module guards skipped"))
     rows = []
     for t in args.threads:
         torch.set_num_threads(t)
         torch._inductor.config.cpp.threads = t  # Inductor's OpenMP regions (and its cache key) follow
-        log(f"qcompile, {t} thread(s) ...")
-        r = bench_decode.measure_static(QCOMPILE_VARIANT, make, tok, opts, device)
-        if "skipped" in r:
-            sys.exit(f"qcompile failed at {t} thread(s): {r['skipped']}")
-        common = dict(engine="qcompile", model="backend=qcompile, default recipe", file="-", threads=t, sd=None,
-                      first_s=r["first_s"], text=r["text"], raw=r)
-        rows.append(dict(common, test=f"bare loop tg{args.tokens}", tok_s=r["bare_tok_s"],
-                         note="" if r.get("bare_matches_generate") else "bare loop's tokens differ from generate's"))
-        rows.append(dict(common, test=f"generate tg{args.tokens}", tok_s=r["generate_tok_s"],
-                         note=f"decode steps only: {r['decode_tok_s']} tok/s"))
+        for variant, label in variants:
+            log(f"{variant}, {t} thread(s) ...")
+            torch._dynamo.reset()  # each variant compiles its own graphs
+            r = bench_decode.measure_static(variant, made[variant], tok, opts, device)
+            if "skipped" in r:
+                sys.exit(f"{variant} failed at {t} thread(s): {r['skipped']}")
+            common = dict(engine="qcompile", model=label, file="-", threads=t, sd=None,
+                          first_s=r["first_s"], text=r["text"], raw=r)
+            rows.append(dict(common, test=f"bare loop tg{args.tokens}", tok_s=r["bare_tok_s"],
+                             note="" if r.get("bare_matches_generate") else "bare loop's tokens differ from generate's"))
+            rows.append(dict(common, test=f"generate tg{args.tokens}", tok_s=r["generate_tok_s"],
+                             note=f"decode steps only: {r['decode_tok_s']} tok/s"))
     return rows
 
 
@@ -280,7 +286,9 @@ def git_commit() -> str:
 
 
 def table(rows: list[dict], meta: dict, args) -> str:
-    q = {(r["threads"], r["test"].split()[0]): r["tok_s"] for r in rows if r["engine"] == "qcompile"}
+    q = {(r["threads"], r["test"].split()[0]): r["tok_s"] for r in rows if r["engine"] == "qcompile"
+         and "guards skipped" not in r["model"]}
+    unguarded = {r["threads"]: r["tok_s"] for r in rows if "guards skipped" in r["model"] and r["test"].startswith("bare")}
     loads = meta["load_average"]
     lines = [f"# llama.cpp vs qcompile: SmolLM2-135M-Instruct, CPU, batch 1, {args.tokens} new tokens", "",
              f"- machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores; avx512_vnni "
@@ -299,15 +307,17 @@ def table(rows: list[dict], meta: dict, args) -> str:
                   "(repack: the --repack setting / MiB actually repacked at load)"]
     lines += [f"- command: {meta['command']}", "",
               "| engine | model | test | threads | tok/s | ± sd | qcompile bare / this row | "
-              "qcompile generate / this row | repack | file MiB | note |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "qcompile generate / this row | " + ("bare, guards skipped / this row | " if unguarded else "")
+              + "repack | file MiB | note |",
+              "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if unguarded else "")]
     for r in rows:
         decode = not r["test"].startswith("pp")
         bare, gen = q.get((r["threads"], "bare")), q.get((r["threads"], "generate"))
         ratio = (lambda x: f"{x / r['tok_s']:.2f}x" if x and decode and r["tok_s"] else "-")
         repack = f"{'on' if r['repack'] else 'off'} / {r['repacked_MiB']:g}" if "repack" in r else "-"
         lines.append(f"| {r['engine']} | {r['model']} | {r['test']} | {r['threads']} | {r['tok_s']} "
-                     f"| {r['sd'] if r['sd'] is not None else '-'} | {ratio(bare)} | {ratio(gen)} | {repack} "
+                     f"| {r['sd'] if r['sd'] is not None else '-'} | {ratio(bare)} | {ratio(gen)} | "
+                     + (f"{ratio(unguarded.get(r['threads']))} | " if unguarded else "") + f"{repack} "
                      f"| {r.get('file_MiB', '-')} | {r.get('note', '')} |")
     lines += ["", "Notes:",
               "- tg: llama-bench decodes from an empty context, prompt, tokenization and sampling excluded (mean ± sd "
@@ -324,6 +334,11 @@ def table(rows: list[dict], meta: dict, args) -> str:
               "included, in the one type; norms stay F32.",
               "- qcompile quantizes the float32 model dequantized from the same shipped file "
               "(qcompile.tools.models.load_model), with its default recipe."]
+    if unguarded:
+        lines.append("- nn.Module guards skipped (--skip-module-guards): the same model compiled with "
+                     "torch.compile(..., options={'guard_filter_fn': torch.compiler.skip_guard_on_all_nn_modules_unsafe})"
+                     ": Dynamo stops checking module attributes before each step (unsafe if a module is changed after "
+                     "compiling; no mode='reduce-overhead', which changes nothing on CPU).")
     if loads["before"][0] > 0.5:  # "after" includes this run's own load
         lines.append(f"- Warning: the machine may have been busy (1-min load average {loads['before'][0]} before "
                      "measuring; a build just before raises it too): llama.cpp's threads spin at barriers, so a run "
@@ -343,6 +358,8 @@ def main():
     p.add_argument("--skip-build", action="store_true", help="never download or build llama.cpp: use the cached "
                    "build (an error when it is missing)")
     p.add_argument("--only-llamacpp", action="store_true", help="no qcompile rows")
+    p.add_argument("--skip-module-guards", action="store_true", help="also qcompile rows compiled with "
+                   "torch.compiler.skip_guard_on_all_nn_modules_unsafe (see bench_decode.py)")
     p.add_argument("--only-qcompile", action="store_true", help="no llama.cpp rows (no build)")
     p.add_argument("--out", default="llamacpp_cpu", help="results file stem: benchmarks/results/<OUT>.md/.json")
     p.add_argument("--warm-cache", action="store_true", help="keep Inductor's on-disk caches (read by bench_decode "
