@@ -536,7 +536,8 @@ void int4_a8_rows(const uint8_t* w, int64_t hk, const int8_t* ae, const int8_t* 
 // one), and one permute spreads those groups' scales over the lanes. Twice the codes per instruction of the
 // 256-bit loop and one float FMA per 64 bytes instead of one per group: the 256-bit loop ran at 10-12 GB/s on
 // one core, bound by instructions. ssx: per row, s * sx per group and 16 zeros after the last; zt: per row, the
-// zero-point term as a vector whose lanes sum to it.
+// zero-point term as a vector whose lanes sum to it. Besides the next 4 rows (to L1), each step prefetches ~8 KB
+// ahead into L2: from memory, down_proj's 1536x576 ran 1.8x faster on one core (62 -> 35 us) with it.
 template <int R>
 void int4_a8_rows512(const uint8_t* w, int64_t hk, const int8_t* ae, const int8_t* ao, const float* const* ssx,
                      const __m512* zt, int64_t hg, __m512i lanes, float* out) {
@@ -551,6 +552,7 @@ void int4_a8_rows512(const uint8_t* w, int64_t hk, const int8_t* ae, const int8_
     const __m512i xe = _mm512_maskz_loadu_epi8(mask, ae + j), xo = _mm512_maskz_loadu_epi8(mask, ao + j);
     for (int i = 0; i < R; ++i) {
       _mm_prefetch(reinterpret_cast<const char*>(w + (R + i) * hk + j), _MM_HINT_T0);  // the next step's rows
+      _mm_prefetch(reinterpret_cast<const char*>(w + i * hk + j + 8192), _MM_HINT_T2);  // ~8 KB ahead, to L2
       const __m512i v = _mm512_maskz_loadu_epi8(mask, w + i * hk + j);
       const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
       const __m512i d = dpbusd(dpbusd(_mm512_setzero_si512(), lo, xe), hi, xo);
