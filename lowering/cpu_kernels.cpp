@@ -89,6 +89,19 @@ struct Params {
         for (; c < count; ++c) out[c] = static_cast<float>(static_cast<const at::Half*>(data)[i + c]);
     }
   }
+#ifdef QCOMPILE_VNNI512
+  // count (<= 16) values from i as one vector of floats, its other lanes 0 (the 512-bit W4A8 GEMV's prep)
+  __m512 load16(int64_t i, int64_t count) const {
+    const __mmask16 mask = count >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << count) - 1);
+    const uint16_t* h = static_cast<const uint16_t*>(data) + i;
+    switch (dtype) {
+      case at::kFloat: return _mm512_maskz_loadu_ps(mask, static_cast<const float*>(data) + i);
+      case at::kBFloat16:
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, h)), 16));
+      default: return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, h));
+    }
+  }
+#endif
 };
 
 at::Tensor readable(const at::Tensor& t) {  // a contiguous fp32/fp16/bf16 tensor
@@ -572,19 +585,6 @@ void int4_a8_rows512(const uint8_t* w, int64_t hk, const int8_t* ae, const int8_
   for (int i = 0; i < R; ++i) out[i] = _mm512_reduce_add_ps(acc[i]);
 }
 
-// count (<= 16) values of p from i as floats, the rest of the vector 0.
-inline __m512 load_params16(const Params& p, int64_t i, int64_t count) {
-  const __mmask16 mask = count >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << count) - 1);
-  switch (p.dtype) {
-    case at::kFloat: return _mm512_maskz_loadu_ps(mask, static_cast<const float*>(p.data) + i);
-    case at::kBFloat16: {
-      const __m256i h = _mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(p.data) + i);
-      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-    }
-    default: return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(p.data) + i));
-  }
-}
-
 void int4_a8_gemv512(const ActsQ& q, int64_t M, int64_t K, const uint8_t* qw, const Params& s, const Params& z,
                      int64_t N, int64_t group, float* y) {
   const int64_t hk = K / 2, G = K / group, hg = group / 2, Gp = G + 16;
@@ -605,7 +605,7 @@ void int4_a8_gemv512(const ActsQ& q, int64_t M, int64_t K, const uint8_t* qw, co
           zt[i] = _mm512_setzero_ps();
           for (int64_t g = 0; g < G; g += 16) {
             const __mmask16 mask = G - g >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (G - g)) - 1);
-            const __m512 sv = load_params16(s, (n + i) * G + g, G - g), zv = load_params16(z, (n + i) * G + g, G - g);
+            const __m512 sv = s.load16((n + i) * G + g, G - g), zv = z.load16((n + i) * G + g, G - g);
             _mm512_mask_storeu_ps(&ssx[i * Gp + g], mask, _mm512_mul_ps(sv, _mm512_maskz_loadu_ps(mask, sx + g)));
             zt[i] = _mm512_fmadd_ps(_mm512_mul_ps(sv, zv), _mm512_maskz_loadu_ps(mask, bz + g), zt[i]);
           }

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 
-def _mutates(node: fx.Node) -> bool:
+def mutates(node: fx.Node) -> bool:
     """An in-place call: method or function name ending in one underscore (`add_`, `index_copy_`),
     or an aten overload whose schema writes an argument."""
     target = node.target
@@ -33,7 +33,7 @@ def erase_unused(graph: fx.Graph, nodes) -> int:
         node = stack.pop()
         if node in erased or node.users or node.op in ("placeholder", "output", "get_attr"):
             continue
-        if node.is_impure() or _mutates(node):
+        if node.is_impure() or mutates(node):
             continue
         inputs = node.all_input_nodes
         graph.erase_node(node)

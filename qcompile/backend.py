@@ -118,13 +118,12 @@ def _training_copies_note(gm: torch.fx.GraphModule, example_inputs) -> str | Non
     if not torch.is_grad_enabled() or not any(isinstance(x, torch.Tensor) and x.requires_grad
                                               for x in example_inputs):
         return None
-    inputs = {n for n in gm.graph.nodes if n.op == "placeholder"}
+    from qcompile.passes.dead_code import mutates
+
     mutated = []
     for n in gm.graph.nodes:
-        name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
-        if (isinstance(name, str) and name.endswith("_") and not name.startswith("_") and name != "requires_grad_"
-                and n.args and isinstance(n.args[0], torch.fx.Node) and n.args[0] in inputs
-                and n.args[0].name not in mutated):
+        if (n.op in ("call_method", "call_function") and mutates(n) and n.args and isinstance(n.args[0], torch.fx.Node)
+                and n.args[0].op == "placeholder" and n.args[0].name not in mutated):
             mutated.append(n.args[0].name)
     if not mutated:
         return None

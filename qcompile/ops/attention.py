@@ -165,8 +165,9 @@ def gqa_attention_sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None
     shapes, 1.8x at Llama-3-8B shapes with an 8k cache). On CPU in float32 with at most
     DECODE_MAX_ROWS rows, those rows go to `decode_attention_kernel` instead (C++, lowering/
     cpu_kernels.cpp): SDPA's CPU kernel costs 30-60 us a call at decode sizes whatever the work.
-    Causal with L > 1 on CPU: SDPA's own GQA (enable_gqa=True; its CPU flash kernel indexes the shared head, checked: no repeat_interleave, and
-    skips the masked blocks that the grouped rows would need an explicit mask for).
+    Causal with L > 1 on CPU: SDPA's own GQA (enable_gqa=True; its CPU flash kernel indexes the shared
+    head, checked: no repeat_interleave, and skips the masked blocks that the grouped rows would need an
+    explicit mask for).
     """
     b, hq, L, d = q.shape
     hkv = k.shape[1]
