@@ -22,13 +22,15 @@ class WeightStore:
     def __init__(self):
         self._entries: dict = {}
 
-    def get(self, params: tuple[torch.nn.Parameter, ...], extra_key, make):
+    def get(self, params: tuple[torch.nn.Parameter, ...], extra_key, make, disk=None):
+        """`make()`'s packed weight for `params`, made once while they live. `disk`: (description,
+        tensors, device) that determine it, for the on-disk cache across processes (weight_cache.py)."""
         ids = tuple(id(p) for p in params)
         key = (ids, tuple(p._version for p in params), extra_key)
         if key not in self._entries:
             for stale in [k for k in self._entries if k[0] == ids and k[2] == extra_key]:
                 del self._entries[stale]
-            self._entries[key] = make()
+            self._entries[key] = _made_or_loaded(make, disk)
             for p in params:
                 weakref.finalize(p, self._entries.pop, key, None)
         return self._entries[key]
@@ -38,6 +40,20 @@ class WeightStore:
 
 
 STORE = WeightStore()
+
+
+def _made_or_loaded(make, disk):
+    from . import weight_cache
+
+    if disk is None or not weight_cache.enabled():
+        return make()
+    description, tensors, device = disk
+    key = weight_cache.digest(description, tensors)
+    packed = weight_cache.load(key, device)
+    if packed is None:
+        packed = make()
+        weight_cache.save(key, packed)
+    return packed
 
 
 @dataclass

@@ -36,7 +36,7 @@ from qcompile.methods import LinearPlan, plan_linear, quantize_linear
 from qcompile.ops import A8_OPS, QUANTIZED_LINEAR_OPS, QUIK_MM
 from qcompile.report import LinearReport
 
-from .analysis import FloatMatmul, LinearSite, input_scale, matmul_sites, module_path, shape_of
+from .analysis import FloatMatmul, LinearSite, input_scale, matmul_sites, module_path, shape_of, stands_for
 from .context import PassContext
 from .dead_code import erase_unused
 
@@ -189,7 +189,10 @@ def _rewrite(graph: fx.Graph, ctx: PassContext, members, first: fx.Node) -> list
         c = dataclasses.replace(ctx, values=values)
         if values is not ctx.values:
             _record_reuse(ctx, members, params)
-        return ctx.store.get(params, key, lambda: _quantize_group(c, members, importances))
+        plans = [(p.path, p.in_features, p.out_features, p.format, p.group_size, p.data_free, p.cpu_activations)
+                 for _, p in members]
+        disk = (repr((key, plans)), [*params, *(values[g] for g in gammas if g is not None)], ctx.device)
+        return ctx.store.get(params, key, lambda: _quantize_group(c, members, importances), disk)
 
     packed = make(ctx.values)
     ctx.remakes.append(([site.weight for site, _ in members] + [g for g in gammas if g is not None],
@@ -204,11 +207,11 @@ def _rewrite(graph: fx.Graph, ctx: PassContext, members, first: fx.Node) -> list
         for site, plan in members:
             out = y
             if len(members) > 1:
-                out = graph.call_function(torch.narrow, (y, -1, offset, plan.out_features))
+                out = stands_for(graph.call_function(torch.narrow, (y, -1, offset, plan.out_features)), site.node)
             offset += plan.out_features
             if site.bias is not None:
                 out = graph.call_function(operator.add, (out, site.bias))
-            site.node.replace_all_uses_with(out)
+            site.node.replace_all_uses_with(stands_for(out, site.node))
             notes = ["one op for " + "+".join(fused_with)] if len(members) > 1 else []
             share = plan.out_features / packed.out_features
             _record(ctx, plan, str(packed.op.name()), int(packed.nbytes * share), notes, site.weight_name,

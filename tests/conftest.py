@@ -7,6 +7,9 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the on-disk cache of quantized weights is off (a test that patches a method must see it run);
+# tests/test_weight_cache.py turns it on in a folder of its own
+os.environ.setdefault("QCOMPILE_WEIGHT_CACHE", "0")
 
 
 CPU_FLAGS = next((line.split() for line in open("/proc/cpuinfo").read().splitlines() if line.startswith("flags")), [])
