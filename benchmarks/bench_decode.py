@@ -133,6 +133,16 @@ def measure(name, make, tok, args, device):
 # --- --static: static KV cache, compiled decode steps (CUDA graphs on CUDA) ---------------------------
 REDUCE_OVERHEAD = dict(mode="reduce-overhead")
 UNGUARDED_VARIANT = "qcompile (backend=qcompile), nn.Module guards skipped"
+CPP_WRAPPER_VARIANT = "qcompile (backend=qcompile), cpp_wrapper"
+
+
+def option_variants() -> dict:
+    """CPU rows of backend=qcompile compiled with torch.compile options (flag: (variant, options)).
+    skip-module-guards: Dynamo stops guarding nn.Module attributes (unsafe: a module changed after
+    compiling is not noticed); cpp-wrapper: Inductor's wrapper around the kernels in C++, not Python."""
+    return {"skip_module_guards": (UNGUARDED_VARIANT,
+                                   {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}),
+            "cpp_wrapper": (CPP_WRAPPER_VARIANT, {"cpp_wrapper": True})}
 
 
 def static_decode(model, compile_kwargs: dict | None):
@@ -355,20 +365,18 @@ def variants(args, device):
         config = qcompile.default_config(m)
         return config if activations is None else dataclasses.replace(config, cpu_activations=activations)
 
-    def with_qcompile(m, activations=None, fuse=True, module_guards=True):
+    def with_qcompile(m, activations=None, fuse=True, options=None):
         backend = qcompile if activations is None and fuse else \
             qcompile.backend(config_for(m, activations), fuse_projections=fuse)
-        # module_guards=False: Dynamo stops guarding nn.Module attributes (torch.compiler's
-        # skip_guard_on_all_nn_modules_unsafe): a module changed after compiling is not noticed. torch.compile
-        # takes mode= or options=, not both; on CPU reduce-overhead changes nothing, so it is left out.
-        kwargs = REDUCE_OVERHEAD if module_guards else \
-            dict(options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+        # torch.compile takes mode= or options=, not both; on CPU reduce-overhead changes nothing,
+        # so rows with options (option_variants) leave it out
+        kwargs = REDUCE_OVERHEAD if options is None else dict(options=options)
         if args.static:
             return static_decode(m, dict(backend=backend, **kwargs))
-        return torch.compile(m, backend=backend, **({} if module_guards else kwargs))
+        return torch.compile(m, backend=backend, **({} if options is None else kwargs))
 
-    def qcompile_backend_unguarded():
-        return with_qcompile(fresh(), module_guards=False)
+    def qcompile_backend_with(options):
+        return lambda: with_qcompile(fresh(), options=options)
 
     def qcompile_backend(activations=None):
         return lambda: with_qcompile(fresh(), activations)
@@ -395,10 +403,11 @@ def variants(args, device):
                 (f"qcompile (quantize + compile{x})", qcompile_ahead(a))]
         if getattr(args, "unfused", False):
             out.append((f"qcompile (quantize + compile{x}, unfused)", qcompile_ahead(a, fuse=False)))
-    if getattr(args, "skip_module_guards", False):
-        if device.type == "cuda":
-            raise SystemExit("--skip-module-guards is a CPU row (it drops mode='reduce-overhead')")
-        out.append((UNGUARDED_VARIANT, qcompile_backend_unguarded))
+    for flag, (name, options) in option_variants().items():
+        if getattr(args, flag, False):
+            if device.type == "cuda":
+                raise SystemExit(f"--{flag.replace('_', '-')} is a CPU row (it drops mode='reduce-overhead')")
+            out.append((name, qcompile_backend_with(options)))
     out += [(f"qcompile checkpoint {Path(c).name}", checkpoint(c)) for c in args.checkpoint or ()]
     if args.static:
         out.append(torchao_static(args, device, fresh))
@@ -472,6 +481,8 @@ def main():
     p.add_argument("--skip-module-guards", action="store_true", help="CPU: also time backend=qcompile compiled "
                    "with guard_filter_fn=torch.compiler.skip_guard_on_all_nn_modules_unsafe (Dynamo's guard "
                    "evaluation was ~20%% of a SmolLM2 decode step; unsafe if a module is changed after compiling)")
+    p.add_argument("--cpp-wrapper", action="store_true", help="CPU: also time backend=qcompile compiled with "
+                   "options={'cpp_wrapper': True} (Inductor's wrapper code in C++: no Python between kernels)")
     p.add_argument("--unfused", action="store_true", help="also time quantize + compile with "
                    "fuse_projections=False (q/k/v and gate/up as separate ops)")
     p.add_argument("--cpu-activations", nargs="*", choices=("int8", "float"),

@@ -60,6 +60,7 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PURE_TYPES = ("Q4_0", "Q4_1", "Q8_0")  # made with llama-quantize --pure from the shipped file
 PROMPT_SIZES = (64, 512)
 QCOMPILE_VARIANT = "qcompile (backend=qcompile)"  # bench_decode.variants' name for the default recipe
+QCOMPILE_LABEL = "backend=qcompile, default recipe"
 CMAKE_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DGGML_OPENMP=ON", "-DLLAMA_OPENSSL=OFF",
                "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
                "-DLLAMA_BUILD_APP=OFF"]
@@ -242,11 +243,12 @@ def measure_qcompile(args, tok) -> list[dict]:
     opts = types.SimpleNamespace(model="smollm2", arch=None, dtype=torch.float32, static=True, cpu_activations=None,
                                  checkpoint=None, tokens=args.tokens, repeats=args.repeats, max_seconds=None,
                                  bare=True)
-    opts.skip_module_guards = args.skip_module_guards
+    opts.skip_module_guards, opts.cpp_wrapper = args.skip_module_guards, args.cpp_wrapper
     made = dict(bench_decode.variants(opts, device))
-    variants = [(QCOMPILE_VARIANT, "backend=qcompile, default recipe")]
-    if args.skip_module_guards:
-        variants.append((bench_decode.UNGUARDED_VARIANT, "backend=qcompile, default recipe, nn.Module guards skipped"))
+    variants = [(QCOMPILE_VARIANT, QCOMPILE_LABEL)]
+    labels = {"skip_module_guards": "nn.Module guards skipped", "cpp_wrapper": "cpp_wrapper"}
+    variants += [(name, f"{QCOMPILE_LABEL}, {labels[flag]}") for flag, (name, _) in bench_decode.option_variants().items()
+                 if getattr(args, flag)]
     rows = []
     for t in args.threads:
         torch.set_num_threads(t)
@@ -286,8 +288,7 @@ def git_commit() -> str:
 
 
 def table(rows: list[dict], meta: dict, args) -> str:
-    q = {(r["threads"], r["test"].split()[0]): r["tok_s"] for r in rows if r["engine"] == "qcompile"
-         and "guards skipped" not in r["model"]}
+    q = {(r["threads"], r["test"].split()[0]): r["tok_s"] for r in rows if r["model"] == QCOMPILE_LABEL}
     unguarded = {r["threads"]: r["tok_s"] for r in rows if "guards skipped" in r["model"] and r["test"].startswith("bare")}
     loads = meta["load_average"]
     lines = [f"# llama.cpp vs qcompile: SmolLM2-135M-Instruct, CPU, batch 1, {args.tokens} new tokens", "",
@@ -339,6 +340,14 @@ def table(rows: list[dict], meta: dict, args) -> str:
                      "torch.compile(..., options={'guard_filter_fn': torch.compiler.skip_guard_on_all_nn_modules_unsafe})"
                      ": Dynamo stops checking module attributes before each step (unsafe if a module is changed after "
                      "compiling; no mode='reduce-overhead', which changes nothing on CPU).")
+    if any(r["model"].endswith("cpp_wrapper") for r in rows):
+        lines.append("- cpp_wrapper (--cpp-wrapper): the same model compiled with torch.compile(..., "
+                     "options={'cpp_wrapper': True}): Inductor's code between the kernels in C++ instead of Python.")
+    firsts = [f"{r['model']}, {r['threads']} thread(s): {r['first_s']} s" for r in rows
+              if r["engine"] == "qcompile" and r["test"].startswith("generate")]
+    if firsts:
+        lines.append("- qcompile's first generate (quantization and compile included; Inductor's on-disk caches off): "
+                     + "; ".join(firsts) + ".")
     if loads["before"][0] > 0.5:  # "after" includes this run's own load
         lines.append(f"- Warning: the machine may have been busy (1-min load average {loads['before'][0]} before "
                      "measuring; a build just before raises it too): llama.cpp's threads spin at barriers, so a run "
@@ -360,6 +369,8 @@ def main():
     p.add_argument("--only-llamacpp", action="store_true", help="no qcompile rows")
     p.add_argument("--skip-module-guards", action="store_true", help="also qcompile rows compiled with "
                    "torch.compiler.skip_guard_on_all_nn_modules_unsafe (see bench_decode.py)")
+    p.add_argument("--cpp-wrapper", action="store_true", help="also qcompile rows compiled with "
+                   "options={'cpp_wrapper': True} (see bench_decode.py)")
     p.add_argument("--only-qcompile", action="store_true", help="no llama.cpp rows (no build)")
     p.add_argument("--out", default="llamacpp_cpu", help="results file stem: benchmarks/results/<OUT>.md/.json")
     p.add_argument("--warm-cache", action="store_true", help="keep Inductor's on-disk caches (read by bench_decode "
