@@ -58,6 +58,12 @@ def compile_with_inductor(gm, example_inputs, config_patches: dict, num_added: i
     source for them, so AOTAutograd would give their sizes fresh symbols that no guard can be
     built for (a failed guard, seen on CUDA where Inductor asks whether 32-bit indexing is safe);
     they are handed over as static-shaped fake tensors of Dynamo's fake mode instead.
+
+    AOTAutograd's on-disk cache is off for these graphs (Inductor's own graph cache stays on): in a
+    warm process, SmolLM2's decode graphs loaded from it generated other greedy text than the same
+    graphs compiled afresh, and different text from run to run (torch 2.13; its prefill logits were
+    equal, so a decode graph ran code it was not compiled for). Measured in
+    benchmarks/results/first_token_cpu.md; tests/test_weight_cache.py checks it stays off.
     """
     from torch._inductor.compile_fx import compile_fx
 
@@ -66,7 +72,8 @@ def compile_with_inductor(gm, example_inputs, config_patches: dict, num_added: i
     if num_added and ctx is not None and ctx.fake_mode is not None:
         head, added = list(example_inputs[:-num_added]), example_inputs[-num_added:]
         example_inputs = head + [ctx.fake_mode.from_tensor(t, static_shapes=True) for t in added]
-    return compile_fx(gm, example_inputs, config_patches=config_patches)
+    with torch._functorch.config.patch(enable_autograd_cache=False):
+        return compile_fx(gm, example_inputs, config_patches=config_patches)
 
 
 # AOTAutograd finds a Dynamo graph's static inputs (parameters, buffers, a static KV cache: fixed
