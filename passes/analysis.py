@@ -90,15 +90,6 @@ class _Origin:
     transposed: bool | None  # 2-D parameter: False = itself, True = its transpose; None = anything else
 
 
-def stands_for(new: fx.Node, old: fx.Node) -> fx.Node:
-    """`new` computes the value `old` did (a rewrite's output): it takes old's value metadata. Without
-    `example_value` AOTAutograd cannot tell that a node is a tensor and skips its cache for the graph."""
-    for key in ("example_value", "val", "tensor_meta"):
-        if key in old.meta:
-            new.meta[key] = old.meta[key]
-    return new
-
-
 def _target_name(node: fx.Node) -> str:
     t = node.target
     if isinstance(t, str):

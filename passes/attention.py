@@ -26,7 +26,7 @@ import torch.fx as fx
 from qcompile.ops.attention import GQA_ATTENTION
 from qcompile.report import AttentionReport
 
-from .analysis import module_path, shape_of, stands_for
+from .analysis import module_path, shape_of
 from .context import PassContext
 from .dead_code import erase_unused
 
@@ -434,7 +434,7 @@ def _insert(graph: fx.Graph, site: AttentionSite) -> fx.Node:
                                                   site.is_causal))
         if site.flatten_output:
             out = graph.call_function(torch.flatten, (out, 0, 1))
-    site.output.replace_all_uses_with(stands_for(out, site.output))
+    site.output.replace_all_uses_with(out)
     return out
 
 

@@ -27,7 +27,7 @@ from qcompile.ops import ROW_BLOCK_OPS
 from qcompile.ops.quik import QUIK_MM
 from qcompile.ops.linear import rows_end_to_end, rows_view
 
-from .analysis import module_path, stands_for
+from .analysis import module_path
 from .context import PassContext
 
 
@@ -65,7 +65,7 @@ def _emit(graph: fx.Graph, ctx: PassContext, nodes: list[fx.Node], rows: list[li
         y = graph.call_function(nodes[0].target, tuple(args_from(inputs)), dict(nodes[0].kwargs))
         offset = 0
         for node, width in zip(nodes, widths):
-            out = stands_for(graph.call_function(torch.narrow, (y, -1, offset, width)), node)
+            out = graph.call_function(torch.narrow, (y, -1, offset, width))
             offset += width
             node.replace_all_uses_with(out)
     for node in nodes:

@@ -36,7 +36,7 @@ from qcompile.methods import LinearPlan, plan_linear, quantize_linear
 from qcompile.ops import A8_OPS, QUANTIZED_LINEAR_OPS, QUIK_MM
 from qcompile.report import LinearReport
 
-from .analysis import FloatMatmul, LinearSite, input_scale, matmul_sites, module_path, shape_of, stands_for
+from .analysis import FloatMatmul, LinearSite, input_scale, matmul_sites, module_path, shape_of
 from .context import PassContext
 from .dead_code import erase_unused
 
@@ -191,7 +191,9 @@ def _rewrite(graph: fx.Graph, ctx: PassContext, members, first: fx.Node) -> list
             _record_reuse(ctx, members, params)
         plans = [(p.path, p.in_features, p.out_features, p.format, p.group_size, p.data_free, p.cpu_activations)
                  for _, p in members]
-        disk = (repr((key, plans)), [*params, *(values[g] for g in gammas if g is not None)], ctx.device)
+        # on disk for CPU models (a warm first token); on a GPU, hashing the weights means copying them out
+        disk = (repr((key, plans)), [*params, *(values[g] for g in gammas if g is not None)], ctx.device) \
+            if ctx.device.type == "cpu" else None
         return ctx.store.get(params, key, lambda: _quantize_group(c, members, importances), disk)
 
     packed = make(ctx.values)
@@ -207,11 +209,11 @@ def _rewrite(graph: fx.Graph, ctx: PassContext, members, first: fx.Node) -> list
         for site, plan in members:
             out = y
             if len(members) > 1:
-                out = stands_for(graph.call_function(torch.narrow, (y, -1, offset, plan.out_features)), site.node)
+                out = graph.call_function(torch.narrow, (y, -1, offset, plan.out_features))
             offset += plan.out_features
             if site.bias is not None:
                 out = graph.call_function(operator.add, (out, site.bias))
-            site.node.replace_all_uses_with(stands_for(out, site.node))
+            site.node.replace_all_uses_with(out)
             notes = ["one op for " + "+".join(fused_with)] if len(members) > 1 else []
             share = plan.out_features / packed.out_features
             _record(ctx, plan, str(packed.op.name()), int(packed.nbytes * share), notes, site.weight_name,

@@ -5,8 +5,10 @@ of a ~28 s first token with Inductor's caches warm). A later process compiling t
 with the same recipe and qcompile reads them back instead (`WeightStore` in context.py asks here
 first). Key: a digest of the weights' bytes, every input of the quantization (config, plans,
 device, norm gains), qcompile's source and torch's version. Files live under
-$QCOMPILE_CACHE/weights (default ~/.cache/qcompile/weights), newest kept up to
-QCOMPILE_WEIGHT_CACHE_GB (default 2); QCOMPILE_WEIGHT_CACHE=0 turns the cache off.
+$QCOMPILE_CACHE/weights (default ~/.cache/qcompile/weights). Beyond QCOMPILE_WEIGHT_CACHE_GB (default
+2) the least recently used files of earlier processes go; what this process reads or writes stays
+(a model larger than the limit would otherwise evict its own layers). QCOMPILE_WEIGHT_CACHE=0 turns
+the cache off. Used for CPU models (passes/linear.py).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import functools
 import hashlib
 import json
 import os
+import time
 import warnings
 from pathlib import Path
 
@@ -22,6 +25,7 @@ import torch
 from qcompile.ops import PackedLinear
 
 _FORMAT = 1  # bump when the file layout changes
+_STARTED = time.time()  # files used since then belong to this process and are never trimmed
 
 
 def enabled() -> bool:
@@ -111,5 +115,5 @@ def _trim(folder: Path, limit: float) -> None:
     total = 0
     for f in files:
         total += f.stat().st_size
-        if total > limit:
+        if total > limit and f.stat().st_mtime < _STARTED:
             f.unlink(missing_ok=True)

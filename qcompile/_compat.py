@@ -61,9 +61,9 @@ def compile_with_inductor(gm, example_inputs, config_patches: dict, num_added: i
 
     AOTAutograd's on-disk cache is off for these graphs (Inductor's own graph cache stays on): in a
     warm process, SmolLM2's decode graphs loaded from it generated other greedy text than the same
-    graphs compiled afresh, and different text from run to run (torch 2.13; its prefill logits were
-    equal, so a decode graph ran code it was not compiled for). Measured in
-    benchmarks/results/first_token_cpu.md; tests/test_weight_cache.py checks it stays off.
+    graphs compiled afresh, and different text from run to run (torch 2.13; the prefill logits were
+    equal; the cause is not found). Measured in benchmarks/results/first_token_cpu.md;
+    tests/test_weight_cache.py checks it stays off.
     """
     from torch._inductor.compile_fx import compile_fx
 

@@ -1,7 +1,6 @@
 """The on-disk cache of the backend's quantized weights (passes/weight_cache.py): a later process
 reads what an earlier one quantized, and gets exactly what quantizing again would give."""
 import os
-import time
 import warnings
 
 import pytest
@@ -87,13 +86,17 @@ def test_a_damaged_file_is_made_again_with_a_warning(cache):
 
 
 def test_the_folder_keeps_the_most_recently_used_files_within_its_limit(tmp_path):
-    now = time.time()
-    for i in range(5):                             # f0 oldest ... f4 newest, 100 bytes each
-        f = tmp_path / f"f{i}.safetensors"
+    """Files of earlier processes (older than this one) go, least recently used first."""
+    before = weight_cache._STARTED - 100
+    for i in range(5):                             # f0 oldest ... f4 newest, 100 bytes each, all older
+        f = tmp_path / f"f{i}.safetensors"         # than this process
         f.write_bytes(b"x" * 100)
-        os.utime(f, (now - 100 + i, now - 100 + i))
+        os.utime(f, (before + i, before + i))
     weight_cache._trim(tmp_path, limit=250)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f3.safetensors", "f4.safetensors"]
+    (tmp_path / "f5.safetensors").write_bytes(b"x" * 1000)   # this process's: kept over the limit
+    weight_cache._trim(tmp_path, limit=250)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f5.safetensors"]
 
 
 def test_the_key_covers_every_byte_and_the_description():
