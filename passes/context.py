@@ -10,6 +10,8 @@ import torch.fx as fx
 from qcompile.config import AttentionConfig, QuantConfig
 from qcompile.report import GraphReport
 
+from . import weight_cache
+
 
 class WeightStore:
     """Quantized weights the backend made from float parameters, kept while the parameters live.
@@ -22,15 +24,15 @@ class WeightStore:
     def __init__(self):
         self._entries: dict = {}
 
-    def get(self, params: tuple[torch.nn.Parameter, ...], extra_key, make, disk=None):
-        """`make()`'s packed weight for `params`, made once while they live. `disk`: (description,
-        tensors, device) that determine it, for the on-disk cache across processes (weight_cache.py)."""
+    def get(self, params: tuple[torch.nn.Parameter, ...], extra_key, make, describe=None, device=None):
+        """`make()`'s packed weight for `params`, made once while they live. `describe()`: (description,
+        tensors) that determine it, for the on-disk cache across processes (weight_cache.py)."""
         ids = tuple(id(p) for p in params)
         key = (ids, tuple(p._version for p in params), extra_key)
         if key not in self._entries:
             for stale in [k for k in self._entries if k[0] == ids and k[2] == extra_key]:
                 del self._entries[stale]
-            self._entries[key] = _made_or_loaded(make, disk)
+            self._entries[key] = make() if describe is None else weight_cache.made_or_loaded(make, describe, device)
             for p in params:
                 weakref.finalize(p, self._entries.pop, key, None)
         return self._entries[key]
@@ -40,20 +42,6 @@ class WeightStore:
 
 
 STORE = WeightStore()
-
-
-def _made_or_loaded(make, disk):
-    from . import weight_cache
-
-    if disk is None or not weight_cache.enabled():
-        return make()
-    description, tensors, device = disk
-    key = weight_cache.digest(description, tensors)
-    packed = weight_cache.load(key, device)
-    if packed is None:
-        packed = make()
-        weight_cache.save(key, packed)
-    return packed
 
 
 @dataclass

@@ -189,12 +189,12 @@ def _rewrite(graph: fx.Graph, ctx: PassContext, members, first: fx.Node) -> list
         c = dataclasses.replace(ctx, values=values)
         if values is not ctx.values:
             _record_reuse(ctx, members, params)
-        plans = [(p.path, p.in_features, p.out_features, p.format, p.group_size, p.data_free, p.cpu_activations)
-                 for _, p in members]
-        # on disk for CPU models (a warm first token); on a GPU, hashing the weights means copying them out
-        disk = (repr((key, plans)), [*params, *(values[g] for g in gammas if g is not None)], ctx.device) \
-            if ctx.device.type == "cpu" else None
-        return ctx.store.get(params, key, lambda: _quantize_group(c, members, importances), disk)
+        def describe():  # what the packed weight depends on, for the on-disk cache
+            plans = [(p.path, p.in_features, p.out_features, p.format, p.group_size, p.data_free,
+                      p.cpu_activations) for _, p in members]
+            return repr((key, plans)), [*params, *(values[g] for g in gammas if g is not None)]
+
+        return ctx.store.get(params, key, lambda: _quantize_group(c, members, importances), describe, ctx.device)
 
     packed = make(ctx.values)
     ctx.remakes.append(([site.weight for site, _ in members] + [g for g in gammas if g is not None],

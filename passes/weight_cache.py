@@ -3,15 +3,16 @@
 The backend quantizes a model's float weights while it compiles (SmolLM2's default recipe: ~13 s
 of a ~28 s first token with Inductor's caches warm). A later process compiling the same weights
 with the same recipe and qcompile reads them back instead (`WeightStore` in context.py asks here
-first). Key: a digest of the weights' bytes, every input of the quantization (config, plans,
+first, `made_or_loaded`). Key: a digest of the weights' bytes, every input of the quantization (config, plans,
 device, norm gains), qcompile's source and torch's version. Files live under
 $QCOMPILE_CACHE/weights (default ~/.cache/qcompile/weights). Beyond QCOMPILE_WEIGHT_CACHE_GB (default
 2) the least recently used files of earlier processes go; what this process reads or writes stays
 (a model larger than the limit would otherwise evict its own layers). QCOMPILE_WEIGHT_CACHE=0 turns
-the cache off. Used for CPU models (passes/linear.py).
+the cache off. CPU models only: on a GPU, hashing the weights would mean copying them out.
 """
 from __future__ import annotations
 
+import atexit
 import functools
 import hashlib
 import json
@@ -28,8 +29,21 @@ _FORMAT = 1  # bump when the file layout changes
 _STARTED = time.time()  # files used since then belong to this process and are never trimmed
 
 
-def enabled() -> bool:
-    return os.environ.get("QCOMPILE_WEIGHT_CACHE", "1") != "0"
+def enabled(device: torch.device) -> bool:
+    return device.type == "cpu" and os.environ.get("QCOMPILE_WEIGHT_CACHE", "1") != "0"
+
+
+def made_or_loaded(make, describe, device: torch.device) -> PackedLinear:
+    """The packed weight `make()` returns, read from disk when an earlier process stored it.
+    `describe()`: (description, tensors) that determine it, asked only when the cache is used."""
+    if not enabled(device):
+        return make()
+    key = digest(*describe())
+    packed = load(key, device)
+    if packed is None:
+        packed = make()
+        save(key, packed)
+    return packed
 
 
 def directory() -> Path:
@@ -58,8 +72,7 @@ def digest(description: str, tensors: list[torch.Tensor]) -> str:
     for t in tensors:
         t = t.detach()
         h.update(f"|{t.dtype}{tuple(t.shape)}|".encode())
-        flat = t.contiguous().reshape(-1)
-        h.update(flat.view(torch.uint8).numpy() if t.device.type == "cpu" else flat.cpu().view(torch.uint8).numpy())
+        h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
 
 
@@ -86,7 +99,7 @@ def load(key: str, device: torch.device) -> PackedLinear | None:
 
 def save(key: str, packed: PackedLinear) -> None:
     """Store `packed` under `key` (written to a temporary file, then renamed: a killed process leaves no
-    half file), then trim the directory to its size limit."""
+    half file); the folder is trimmed to its size limit once, when this process exits."""
     from safetensors.torch import save_file
 
     info = dict(layout=packed.layout, tensors=list(packed.tensors), consts=list(packed.consts),
@@ -105,9 +118,14 @@ def save(key: str, packed: PackedLinear) -> None:
         tmp = out / f".{key}.{os.getpid()}.tmp"
         save_file(tensors, str(tmp), metadata={"qcompile": text})
         tmp.replace(out / f"{key}.safetensors")
-        _trim(out, float(os.environ.get("QCOMPILE_WEIGHT_CACHE_GB", "2")) * 2**30)
+        _trim_at_exit(out)
     except OSError as e:  # a read-only or full disk costs the next process time, nothing else
         warnings.warn(f"qcompile: could not cache a quantized weight in {out} ({e})", stacklevel=3)
+
+
+@functools.cache  # one scan of the folder per process and folder, not one per file written
+def _trim_at_exit(folder: Path) -> None:
+    atexit.register(_trim, folder, float(os.environ.get("QCOMPILE_WEIGHT_CACHE_GB", "2")) * 2**30)
 
 
 def _trim(folder: Path, limit: float) -> None:
